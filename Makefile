@@ -1,0 +1,36 @@
+# Two commands matter: `make demo` and `make test`. Each sets itself up.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TOOLS := .tools/bin
+export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/$(TOOLS):$(PATH)
+
+.PHONY: venv tools lint typecheck unit test demo proto
+
+$(VENV)/.installed: requirements-dev.txt agent/pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -e ./agent
+	touch $@
+
+venv: $(VENV)/.installed
+
+# helm 3 and helm 4, official binaries, checksums pinned in the script.
+tools:
+	bash ci/install-helm.sh $(TOOLS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+# Regenerate the committed gRPC modules after editing api.proto.
+proto: venv
+	PYTHON=$(PY) bash ci/gen-proto.sh
+
+test: venv tools lint typecheck
+	$(PY) -m pytest
+
+demo: venv
+	$(PY) ci/demo.py

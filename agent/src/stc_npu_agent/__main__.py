@@ -1,0 +1,5 @@
+import sys
+
+from stc_npu_agent.cli import main
+
+sys.exit(main())

@@ -1,0 +1,218 @@
+"""The agent's configuration: parsed and validated from a plain mapping.
+
+Pure: the YAML file is read by the shell (``stc_npu_agent.settings``); this
+module only turns the parsed mapping into frozen dataclasses, or raises
+``ConfigError`` with one line that names the key and what is wrong. The keys
+are camelCase and have the same shape as the chart's ``config`` values.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+HpeMode = Literal["mapped", "unmapped"]
+HPE_MODES: tuple[HpeMode, ...] = ("mapped", "unmapped")
+
+DEFAULT_RESOURCE_NAME = "streamcomputing.com/npu"
+DEFAULT_HPE_PATH = "/usr/local/hpe"
+# An NPU's own node is stc<N>; its cluster nodes stc<N>c<k> and its control
+# node stc<N>ctrl are its members. Only NPU 0 is documented by the vendor, and
+# other card generations may name nodes differently: hence patterns.
+DEFAULT_NPU_PATTERN = r"stc(?P<index>[0-9]+)"
+DEFAULT_MEMBER_PATTERN = r"stc(?P<index>[0-9]+)(c[0-9]+|ctrl)"
+
+
+class ConfigError(ValueError):
+    """A configuration value the agent refuses; the message is one line."""
+
+
+@dataclass(frozen=True)
+class HpeConfig:
+    mode: HpeMode = "mapped"
+    host_path: str = DEFAULT_HPE_PATH
+    container_path: str = DEFAULT_HPE_PATH
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    # Full-match regular expressions over device node names; both must
+    # capture the NPU index in a group named "index".
+    npu_pattern: str = DEFAULT_NPU_PATTERN
+    member_pattern: str = DEFAULT_MEMBER_PATTERN
+
+
+@dataclass(frozen=True)
+class Config:
+    resource_name: str = DEFAULT_RESOURCE_NAME
+    hpe: HpeConfig = field(default_factory=HpeConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The effective config in the file's own shape (for the start-up log)."""
+        return {
+            "resourceName": self.resource_name,
+            "hpe": {
+                "mode": self.hpe.mode,
+                "hostPath": self.hpe.host_path,
+                "containerPath": self.hpe.container_path,
+            },
+            "discovery": {
+                "npuPattern": self.discovery.npu_pattern,
+                "memberPattern": self.discovery.member_pattern,
+            },
+        }
+
+
+# --- validators: each takes (key, value) and returns the value or raises ---
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+_QUALIFIED_NAME_PART = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+
+
+def extended_resource_name_problem(name: str) -> str | None:
+    """Why the kubelet would refuse ``name`` as a device plugin resource, or None.
+
+    Mirrors the kubelet's own checks (``v1helper.IsExtendedResourceName``):
+    ``domain/name`` with a DNS-subdomain domain outside ``kubernetes.io``, a
+    qualified name part of at most 63 characters, and a quota form
+    ``requests.<name>`` that is itself a qualified name.
+    """
+    if name.count("/") != 1:
+        return "must be of the form <domain>/<name>, e.g. streamcomputing.com/npu"
+    domain, short = name.split("/")
+    if domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
+        return "the kubernetes.io domain is reserved for native resources"
+    if domain.startswith("requests."):
+        return "must not start with 'requests.' (reserved for quota)"
+    if not _DNS_SUBDOMAIN.fullmatch(domain) or len("requests." + domain) > 253:
+        return f"domain {domain!r} is not a valid DNS subdomain"
+    if len(short) > 63 or not _QUALIFIED_NAME_PART.fullmatch(short):
+        return (
+            f"name {short!r} must be at most 63 characters of [A-Za-z0-9-_.], "
+            "starting and ending alphanumeric"
+        )
+    return None
+
+
+def _resource_name(key: str, value: object) -> str:
+    text = _string(key, value)
+    problem = extended_resource_name_problem(text)
+    if problem:
+        raise ConfigError(f"{key}: invalid resource name {text!r}: {problem}")
+    return text
+
+
+def _string(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+    if not value:
+        raise ConfigError(f"{key}: must not be empty")
+    return value
+
+
+def _absolute_path(key: str, value: object) -> str:
+    text = _string(key, value)
+    if not text.startswith("/"):
+        raise ConfigError(f"{key}: must be an absolute path, got {text!r}")
+    if "\0" in text or posixpath.normpath(text) != text.rstrip("/") or text == "/":
+        raise ConfigError(f"{key}: must be a normalized absolute path other than /, got {text!r}")
+    return text
+
+
+def _hpe_mode(key: str, value: object) -> str:
+    if value not in HPE_MODES:
+        raise ConfigError(f"{key}: expected one of {', '.join(HPE_MODES)}, got {_describe(value)}")
+    return str(value)
+
+
+def _index_pattern(key: str, value: object) -> str:
+    text = _string(key, value)
+    try:
+        compiled = re.compile(text)
+    except re.error as error:
+        raise ConfigError(f"{key}: not a valid regular expression ({error}): {text!r}") from None
+    if "index" not in compiled.groupindex:
+        raise ConfigError(f"{key}: must capture the NPU index in a group named 'index': {text!r}")
+    return text
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int | float):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return type(value).__name__
+
+
+Validator = Callable[[str, object], object]
+
+# The whole schema: file key -> (validator, dataclass field). Nested sections
+# are their own tables, so unknown keys are found at every level.
+_SECTIONS: dict[str, dict[str, tuple[Validator, str]]] = {
+    "hpe": {
+        "mode": (_hpe_mode, "mode"),
+        "hostPath": (_absolute_path, "host_path"),
+        "containerPath": (_absolute_path, "container_path"),
+    },
+    "discovery": {
+        "npuPattern": (_index_pattern, "npu_pattern"),
+        "memberPattern": (_index_pattern, "member_pattern"),
+    },
+}
+_TOP_LEVEL: dict[str, tuple[Validator, str]] = {
+    "resourceName": (_resource_name, "resource_name"),
+}
+
+
+def _check_keys(prefix: str, mapping: Mapping[Any, Any], known: set[str]) -> None:
+    for key in mapping:
+        if key not in known:
+            where = f"{prefix}{key}"
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+
+
+def _section_values(
+    name: str, raw: object, table: dict[str, tuple[Validator, str]]
+) -> dict[str, object]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{name}: expected a mapping, got {_describe(raw)}")
+    _check_keys(f"{name}.", raw, set(table))
+    return {
+        attribute: validate(f"{name}.{key}", raw[key])
+        for key, (validate, attribute) in table.items()
+        if key in raw
+    }
+
+
+def parse_config(raw: object) -> Config:
+    """Build a Config from a parsed YAML document (None = empty file = defaults)."""
+    if raw is None:
+        return Config()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"top level: expected a mapping, got {_describe(raw)}")
+    _check_keys("", raw, set(_TOP_LEVEL) | set(_SECTIONS))
+    top = {
+        attribute: validate(key, raw[key])
+        for key, (validate, attribute) in _TOP_LEVEL.items()
+        if key in raw
+    }
+    hpe = HpeConfig(**_section_values("hpe", raw.get("hpe"), _SECTIONS["hpe"]))  # type: ignore[arg-type]
+    discovery = DiscoveryConfig(
+        **_section_values("discovery", raw.get("discovery"), _SECTIONS["discovery"])  # type: ignore[arg-type]
+    )
+    return Config(hpe=hpe, discovery=discovery, **top)  # type: ignore[arg-type]

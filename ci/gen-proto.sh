@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Regenerates the committed protobuf/gRPC modules from api.proto.
+# Usage: ci/gen-proto.sh [OUT_DIR]   (default: in place, inside the package)
+# The check in tests/agent/test_proto_gen.py generates into a temp dir and
+# compares, so a hand edit or a generator bump without regenerating fails CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-.venv/bin/python}
+src=agent/src
+out=${1:-$src}
+"$python" -m grpc_tools.protoc -I "$src" \
+  --python_out="$out" --grpc_python_out="$out" \
+  --mypy_out="$out" --mypy_grpc_out="$out" \
+  stc_npu_agent/v1beta1/api.proto
