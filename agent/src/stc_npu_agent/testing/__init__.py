@@ -1,0 +1,1 @@
+"""Test kit: a simulated NPU node (``simnode``) and a kubelet emulator (``kubelet``)."""
