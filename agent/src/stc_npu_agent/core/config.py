@@ -141,7 +141,7 @@ def _index_pattern(key: str, value: object) -> str:
     return text
 
 
-def _describe(value: object) -> str:
+def _describe(value: object) -> str:  # noqa: PLR0911 (one return per kind reads best)
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -1,0 +1,394 @@
+"""The agent's lifecycle: serve, prove it answers, register, watch, re-register.
+
+One plugin *instance* is a gRPC server on a socket whose name is unique to
+it. Each registration gets a new instance, and the old one (with its
+ListAndWatch stream) is ended first: kubelets 1.26+ key plugins by resource
+name, and a late close of an old stream would cut off the new registration.
+
+Re-registration has three triggers, combined because each alone is missed in
+some setting: ``kubelet.sock`` made anew (a kubelet restart), our own socket
+deleted (the kubelet cleans its dir on start), and the kubelet ending our
+ListAndWatch stream. Every trigger sets one event, so a burst of them gives
+one re-registration. Failures back off (50 ms doubling to 5 s), and a new
+``kubelet.sock`` cuts the wait short. A 1 s tick is the safety net for all
+file system signals, and the only source when inotify cannot be had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import grpc
+
+from stc_npu_agent.core.config import Config
+from stc_npu_agent.core.devices import HealthCheck, Naming
+from stc_npu_agent.discovery import DeviceScanner
+from stc_npu_agent.plugin import PLUGIN_OPTIONS, DevicePluginService, StreamTracker
+from stc_npu_agent.state import DeviceState
+from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
+from stc_npu_agent.watch import DirectoryWatcher
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1beta1"
+KUBELET_SOCKET = "kubelet.sock"
+SOCKET_PREFIX = "stc-npu."
+SOCKET_SUFFIX = ".sock"
+
+TICK_SECONDS = 1.0
+# Device rescans without an event, when inotify works: a safety net only.
+RESYNC_TICKS = 10
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 5.0
+# 1.26+ kubelets dial the plugin for up to 10 s inside Register.
+REGISTER_TIMEOUT = 15.0
+SELF_CHECK_TIMEOUT = 5.0
+# Old kubelets only log a failed dial: without a stream by then, start over.
+STREAM_DEADLINE = 10.0
+STOP_GRACE = 0.5
+
+
+def socket_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, ctime) of a socket file: a new file differs even on inode reuse."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(info.st_mode):
+        return None
+    return (info.st_ino, info.st_ctime_ns)
+
+
+def socket_refuses(path: Path) -> bool:
+    """True when nothing listens on the unix socket at ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(str(path))
+    except OSError as error:
+        return error.errno in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+    return False
+
+
+class PluginInstance:
+    """One gRPC server on one uniquely named socket, for one registration."""
+
+    def __init__(
+        self, kubelet_dir: Path, state: DeviceState, config: Config, on_lost: Callable[[], None]
+    ) -> None:
+        self.name = f"{SOCKET_PREFIX}{time.time_ns()}{SOCKET_SUFFIX}"
+        self.path = kubelet_dir / self.name
+        self.streams = StreamTracker(on_lost)
+        self._state = state
+        self._server = grpc.aio.server()
+        api_pb2_grpc.add_DevicePluginServicer_to_server(
+            DevicePluginService(state, config.hpe, self.streams), self._server
+        )
+        self.registered_at = 0.0
+
+    async def start(self) -> None:
+        self._server.add_insecure_port(f"unix:{self.path}")
+        await self._server.start()
+        # Only the kubelet (root) needs the socket.
+        os.chmod(self.path, 0o600)
+        # Prove it answers before telling the kubelet about it.
+        async with grpc.aio.insecure_channel(f"unix:{self.path}") as channel:
+            options = await api_pb2_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
+                api_pb2.Empty(), timeout=SELF_CHECK_TIMEOUT
+            )
+        if options != PLUGIN_OPTIONS:
+            raise RuntimeError(f"own socket answered unexpected options: {options}")
+
+    async def close(self) -> None:
+        self.streams.closing = True
+        self._state.wake()  # streams waiting for a change see the close now
+        await self._server.stop(STOP_GRACE)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class Agent:
+    def __init__(
+        self,
+        kubelet_dir: str | Path,
+        dev_dir: str | Path,
+        sys_dir: str | Path,
+        config: Config,
+        checks: Sequence[HealthCheck] = (),
+    ) -> None:
+        self.kubelet_dir = Path(kubelet_dir)
+        self.kubelet_socket = self.kubelet_dir / KUBELET_SOCKET
+        self.config = config
+        naming = Naming(config.discovery.npu_pattern, config.discovery.member_pattern)
+        self.naming = naming
+        self.scanner = DeviceScanner(dev_dir, sys_dir, naming)
+        self.checks = tuple(checks)
+        # Set in run(), which owns the loop.
+        self.state: DeviceState
+        self.watcher: DirectoryWatcher
+        self.instance: PluginInstance | None = None
+        self.registered = False
+        self.registrations = 0
+        self.heartbeat = time.monotonic()
+        self._registered_kubelet: tuple[int, int] | None = None
+        self._stop: asyncio.Event
+        self._reregister: asyncio.Event
+        self._kubelet_changed: asyncio.Event
+        self._reason = ""
+
+    # --- what the probes read (from another thread: plain attribute reads) ---
+
+    @property
+    def ready(self) -> bool:
+        instance = self.instance
+        return self.registered and instance is not None and instance.streams.open_streams > 0
+
+    # --- signals ---
+
+    def request_reregister(self, reason: str) -> None:
+        if self.registered:
+            log.info("re-registering: %s", reason)
+        self.registered = False
+        self._reason = self._reason or reason
+        self._reregister.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _on_kubelet_dir_event(self, names: set[str]) -> None:
+        if (
+            not names
+            or KUBELET_SOCKET in names
+            or (self.instance is not None and self.instance.name in names)
+        ):
+            self._check_sockets()
+
+    def _on_dev_dir_event(self, names: set[str]) -> None:
+        if not names or any(self.naming.classify(name) for name in names):
+            self.state.schedule_rescan()
+
+    def _check_sockets(self) -> None:
+        """Compare the kubelet dir with what we registered against."""
+        kubelet = socket_identity(self.kubelet_socket)
+        if kubelet is not None:
+            self._kubelet_changed.set()
+        if not self.registered or self.instance is None:
+            return
+        if kubelet != self._registered_kubelet:
+            self.request_reregister(f"{KUBELET_SOCKET} was re-created (kubelet restart)")
+        elif not self.instance.path.exists():
+            self.request_reregister(f"own socket {self.instance.name} was deleted")
+
+    def _on_stream_lost(self) -> None:
+        self.request_reregister("the kubelet ended the ListAndWatch stream")
+
+    # --- the loop ---
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._reregister = asyncio.Event()
+        self._kubelet_changed = asyncio.Event()
+        self.state = DeviceState(self.scanner, self.naming, self.checks)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        log.info("effective config: %s", json.dumps(self.config.to_mapping(), sort_keys=True))
+        self.state.rescan()
+        self._log_inventory()
+        self.watcher = DirectoryWatcher(loop)
+        self.watcher.add(self.scanner.dev_dir, self._on_dev_dir_event)
+        self.watcher.add(self.kubelet_dir, self._on_kubelet_dir_event)
+        ticker = asyncio.create_task(self._tick())
+        try:
+            await self._lifecycle()
+        finally:
+            ticker.cancel()
+            if self.instance is not None:
+                await self.instance.close()
+            self.watcher.stop()
+            log.info("stopped")
+
+    def _log_inventory(self) -> None:
+        npus = self.state.inventory.ordered()
+        if not npus:
+            log.warning(
+                "no NPUs found in %s (they are advertised when they appear)", self.scanner.dev_dir
+            )
+        for npu in npus:
+            numa = "none" if npu.numa_node is None else npu.numa_node
+            log.info(
+                "found %s: %s, NUMA %s, PCI %s vendor %s, nodes %s%s",
+                npu.id,
+                npu.health,
+                numa,
+                npu.pci.address or "unknown",
+                npu.pci.vendor or "unknown",
+                ",".join(npu.present_nodes),
+                f" ({npu.reason})" if npu.reason else "",
+            )
+
+    async def _lifecycle(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            if not await self._wait_for_kubelet():
+                return
+            if await self._register():
+                failures = 0
+                if not await self._wait_for(self._reregister):
+                    return
+                continue
+            failures += 1
+            delay = min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
+            self._kubelet_changed.clear()
+            await self._wait_for(self._kubelet_changed, timeout=delay)
+
+    async def _wait_for(self, event: asyncio.Event, timeout: float | None = None) -> bool:
+        """Wait for ``event`` (or the timeout); False when the agent is stopping."""
+        waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._stop.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        return not self._stop.is_set()
+
+    async def _wait_for_kubelet(self) -> bool:
+        announced = False
+        while socket_identity(self.kubelet_socket) is None:
+            if not announced:
+                log.info("waiting for the kubelet: %s not found", self.kubelet_socket)
+                announced = True
+            self._kubelet_changed.clear()
+            if not await self._wait_for(self._kubelet_changed, timeout=TICK_SECONDS):
+                return False
+        return True
+
+    async def _register(self) -> bool:
+        started = time.monotonic()
+        reason, self._reason = self._reason, ""
+        self._reregister.clear()
+        old, self.instance = self.instance, None
+        if old is not None:
+            await old.close()
+        self._remove_stale_sockets()
+        instance = PluginInstance(self.kubelet_dir, self.state, self.config, self._on_stream_lost)
+        kubelet = socket_identity(self.kubelet_socket)
+        try:
+            await instance.start()
+            async with grpc.aio.insecure_channel(f"unix:{self.kubelet_socket}") as channel:
+                await api_pb2_grpc.RegistrationStub(channel).Register(
+                    api_pb2.RegisterRequest(
+                        version=API_VERSION,
+                        endpoint=instance.name,
+                        resource_name=self.config.resource_name,
+                        options=PLUGIN_OPTIONS,
+                    ),
+                    timeout=REGISTER_TIMEOUT,
+                )
+        except (grpc.RpcError, OSError, RuntimeError) as error:
+            log.warning("registration failed: %s", _describe_error(error))
+            await instance.close()
+            return False
+        self.instance = instance
+        self._registered_kubelet = kubelet
+        self.registered = True
+        self.registrations += 1
+        instance.registered_at = time.monotonic()
+        log.info(
+            "registered %s with the kubelet as %s in %.1f ms%s",
+            self.config.resource_name,
+            instance.name,
+            (instance.registered_at - started) * 1000,
+            f" (after: {reason})" if reason else "",
+        )
+        # Anything that changed while we registered must still count.
+        self._check_sockets()
+        return True
+
+    def _remove_stale_sockets(self) -> None:
+        """Delete our earlier sockets that nothing serves (e.g. after a SIGKILL).
+
+        One that still answers belongs to a live agent (a rolling update's
+        overlap): it is left alone, never fought over.
+        """
+        try:
+            entries = list(os.scandir(self.kubelet_dir))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(SOCKET_PREFIX) and entry.name.endswith(SOCKET_SUFFIX):
+                path = Path(entry.path)
+                if socket_refuses(path):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        log.info("removed stale socket %s", entry.name)
+
+    async def _tick(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            ticks += 1
+            self.heartbeat = time.monotonic()
+            self.watcher.ensure()
+            self._check_sockets()
+            polling = not self.watcher.watching(self.scanner.dev_dir)
+            if polling or ticks % RESYNC_TICKS == 0:
+                self.state.rescan()
+            instance = self.instance
+            if (
+                self.registered
+                and instance is not None
+                and instance.streams.opened_total == 0
+                and time.monotonic() - instance.registered_at > STREAM_DEADLINE
+            ):
+                self.request_reregister(
+                    f"the kubelet opened no ListAndWatch stream within {STREAM_DEADLINE:.0f} s"
+                )
+
+
+def _describe_error(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error)
+
+
+def run(
+    kubelet_dir: str,
+    dev_dir: str,
+    sys_dir: str,
+    config: Config,
+    probe_address: str | None = None,
+) -> int:
+    """Run the agent until SIGTERM/SIGINT; 0 on a clean stop."""
+    agent = Agent(kubelet_dir, dev_dir, sys_dir, config)
+    log.info(
+        "stc-npu-agent starting: kubelet dir %s, dev dir %s, sys dir %s",
+        kubelet_dir,
+        dev_dir,
+        sys_dir,
+    )
+    probes = None
+    if probe_address:
+        from stc_npu_agent.probes import ProbeServer  # noqa: PLC0415
+
+        probes = ProbeServer(probe_address, agent)
+        probes.start()
+    try:
+        asyncio.run(agent.run())
+    finally:
+        if probes is not None:
+            probes.stop()
+    return 0

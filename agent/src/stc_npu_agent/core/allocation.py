@@ -1,0 +1,185 @@
+"""What a container gets for a set of NPU IDs, and which IDs to prefer.
+
+Pure: works on an Inventory and the HPE config. The kubelet never sends
+unknown, unhealthy or duplicate IDs itself; refusing them here is the
+defence against races and other callers, and must never stop the agent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from stc_npu_agent.core.config import HpeConfig
+from stc_npu_agent.core.devices import Inventory, Npu
+
+# Lists the allocated NPU IDs inside the container, e.g. "stc0,stc2".
+DEVICES_ENV = "STC_NPU_DEVICES"
+# Device specs always name the host's /dev: the agent may see it elsewhere
+# (--dev-dir), the container runtime does not.
+HOST_DEV = "/dev"
+_SHOWN_IDS = 8
+
+
+class ErrorKind(Enum):
+    INVALID_ARGUMENT = "invalid argument"  # the request itself is wrong
+    FAILED_PRECONDITION = "failed precondition"  # right request, wrong moment
+
+
+class AllocationError(Exception):
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    host_path: str
+    container_path: str
+    permissions: str = "rw"
+
+
+@dataclass(frozen=True)
+class Mount:
+    host_path: str
+    container_path: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class ContainerAllocation:
+    devices: tuple[DeviceSpec, ...]
+    mounts: tuple[Mount, ...]
+    envs: tuple[tuple[str, str], ...]
+
+
+def show_ids(ids: Sequence[str]) -> str:
+    """IDs for an error message: quoted (NULs and slashes stay visible), capped."""
+    shown = ", ".join(repr(device_id)[:72] for device_id in ids[:_SHOWN_IDS])
+    more = len(ids) - _SHOWN_IDS
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _duplicates(ids: Sequence[str]) -> list[str]:
+    seen: set[str] = set()
+    repeated: list[str] = []
+    for device_id in ids:
+        if device_id in seen and device_id not in repeated:
+            repeated.append(device_id)
+        seen.add(device_id)
+    return repeated
+
+
+def _resolve(inventory: Inventory, ids: Sequence[str], what: str) -> list[Npu]:
+    """The NPUs for ``ids``, or AllocationError naming the offending IDs."""
+    repeated = _duplicates(ids)
+    if repeated:
+        raise AllocationError(ErrorKind.INVALID_ARGUMENT, f"duplicate {what}: {show_ids(repeated)}")
+    unknown = [device_id for device_id in ids if inventory.get(device_id) is None]
+    if unknown:
+        raise AllocationError(ErrorKind.INVALID_ARGUMENT, f"unknown {what}: {show_ids(unknown)}")
+    npus = [inventory.npus[device_id] for device_id in ids]
+    unhealthy = [npu for npu in npus if not npu.healthy]
+    if unhealthy:
+        reasons = "; ".join(f"{npu.id}: {npu.reason}" for npu in unhealthy[:_SHOWN_IDS])
+        raise AllocationError(ErrorKind.FAILED_PRECONDITION, f"unhealthy {what}: {reasons}")
+    return npus
+
+
+def plan_allocation(
+    inventory: Inventory, ids: Sequence[str], hpe: HpeConfig
+) -> ContainerAllocation:
+    """Device nodes, mounts and env for one container asking for ``ids``."""
+    if not ids:
+        raise AllocationError(ErrorKind.INVALID_ARGUMENT, "no device IDs in the request")
+    npus = sorted(_resolve(inventory, ids, "device IDs"), key=lambda npu: (npu.index, npu.id))
+    devices = tuple(
+        DeviceSpec(f"{HOST_DEV}/{name}", f"{HOST_DEV}/{name}")
+        for npu in npus
+        for name in npu.present_nodes
+    )
+    mounts = (
+        (Mount(hpe.host_path, hpe.container_path, read_only=True),) if hpe.mode == "mapped" else ()
+    )
+    envs = ((DEVICES_ENV, ",".join(npu.id for npu in npus)),)
+    return ContainerAllocation(devices=devices, mounts=mounts, envs=envs)
+
+
+def preferred_allocation(
+    inventory: Inventory, available: Sequence[str], must_include: Sequence[str], size: int
+) -> list[str]:
+    """The IDs to prefer: must-include first, then as few NUMA nodes as possible.
+
+    After the must-include IDs, fill from their NUMA nodes; then, if one NUMA
+    node can supply the rest, the smallest such node (best fit keeps larger
+    groups whole for larger requests); otherwise the largest nodes first, so
+    the set spans the fewest NUMA nodes. Ties break on NUMA id, then NPU index:
+    the answer is a function of the inputs alone. Unhealthy IDs in
+    ``available`` are skipped (the kubelet may race a health change).
+    """
+    if size <= 0:
+        raise AllocationError(
+            ErrorKind.INVALID_ARGUMENT, f"allocation size must be positive, got {size}"
+        )
+    unknown = [device_id for device_id in available if inventory.get(device_id) is None]
+    if unknown:
+        raise AllocationError(
+            ErrorKind.INVALID_ARGUMENT, f"unknown available IDs: {show_ids(unknown)}"
+        )
+    if _duplicates(available):
+        raise AllocationError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"duplicate available IDs: {show_ids(_duplicates(available))}",
+        )
+    chosen = _resolve(inventory, must_include, "must-include IDs")
+    missing_from_available = [npu.id for npu in chosen if npu.id not in set(available)]
+    if missing_from_available:
+        raise AllocationError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"must-include IDs not in available: {show_ids(missing_from_available)}",
+        )
+    if len(chosen) > size:
+        raise AllocationError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"{len(chosen)} must-include IDs exceed the allocation size {size}",
+        )
+    taken = {npu.id for npu in chosen}
+    candidates = [
+        npu
+        for device_id in available
+        if device_id not in taken and (npu := inventory.npus[device_id]).healthy
+    ]
+    usable = len(chosen) + len(candidates)
+    if usable < size:
+        raise AllocationError(
+            ErrorKind.FAILED_PRECONDITION,
+            f"allocation size {size} exceeds the {usable} healthy available IDs",
+        )
+
+    groups: dict[int | None, list[Npu]] = {}
+    for npu in sorted(candidates, key=lambda npu: (npu.index, npu.id)):
+        groups.setdefault(npu.numa_node, []).append(npu)
+
+    def numa_key(numa: int | None) -> int:
+        return 1 << 30 if numa is None else numa  # no topology sorts last
+
+    result = list(chosen)
+    need = size - len(result)
+    # 1. The must-include IDs' NUMA nodes, in the order those IDs came.
+    for numa in dict.fromkeys(npu.numa_node for npu in chosen):
+        take = groups.pop(numa, [])[:need]
+        result += take
+        need -= len(take)
+    # 2. Then whole NUMA nodes: best single fit, else largest first.
+    while need > 0:
+        fitting = [numa for numa, group in groups.items() if len(group) >= need]
+        if fitting:
+            numa = min(fitting, key=lambda n: (len(groups[n]), numa_key(n)))
+        else:
+            numa = min(groups, key=lambda n: (-len(groups[n]), numa_key(n)))
+        take = groups.pop(numa)[:need]
+        result += take
+        need -= len(take)
+    return [npu.id for npu in result]

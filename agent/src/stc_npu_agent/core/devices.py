@@ -1,0 +1,214 @@
+"""The device model and inventory: which NPUs exist and whether they are healthy.
+
+Pure: a scan of the device directory comes in as plain observations (what
+each node is), the inventory comes out. No file system, no clock.
+
+Rules, and why:
+- An NPU exists once its own node (``stc<N>``) has been seen. Its ID is that
+  node's name, so it is stable across agent restarts.
+- An NPU, once seen, stays listed. When its nodes vanish (hot-unplug, driver
+  unload) it turns Unhealthy rather than disappearing: the kubelet keeps the
+  capacity and the pods already bound to it keep their accounting.
+- The nodes an NPU must have are all those ever seen for it. An NPU missing any
+  of them, or whose node is no longer a character device (replaced by a file
+  or a symlink), is Unhealthy; when they are all back it is Healthy again.
+  Health always follows the present state: it is never sticky.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Protocol
+
+HEALTHY = "Healthy"
+UNHEALTHY = "Unhealthy"
+
+
+class NodeKind(Enum):
+    CHAR_DEVICE = "char"
+    OTHER = "other"  # a regular file, symlink, directory, block device...
+
+
+@dataclass(frozen=True)
+class NodeObservation:
+    """One directory entry whose name matched an NPU pattern."""
+
+    name: str
+    kind: NodeKind
+    # (major, minor) for character devices, None otherwise.
+    rdev: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class PciInfo:
+    """What sysfs says about the PCI function behind an NPU's own node."""
+
+    numa_node: int | None = None  # None: no topology (sysfs -1 or missing)
+    vendor: str | None = None  # "0x23e2" for Stream Computing
+    device: str | None = None
+    address: str | None = None  # PCI bus/device/function, e.g. 0000:03:00.0
+
+
+@dataclass(frozen=True)
+class Npu:
+    id: str
+    index: int
+    # Every node this NPU must have, own node first, then members by name.
+    expected_nodes: tuple[str, ...]
+    # The subset of expected_nodes present as character devices now.
+    present_nodes: tuple[str, ...]
+    pci: PciInfo = field(default_factory=PciInfo)
+    healthy: bool = False
+    reason: str = ""  # why it is Unhealthy; empty when Healthy
+
+    @property
+    def health(self) -> str:
+        return HEALTHY if self.healthy else UNHEALTHY
+
+    @property
+    def numa_node(self) -> int | None:
+        return self.pci.numa_node
+
+
+class Naming:
+    """Classifies node names with the configured full-match patterns."""
+
+    def __init__(self, npu_pattern: str, member_pattern: str) -> None:
+        self._npu = re.compile(npu_pattern)
+        self._member = re.compile(member_pattern)
+
+    def classify(self, name: str) -> tuple[int, bool] | None:
+        """(NPU index, is the NPU's own node) for a matching name, else None."""
+        match = self._npu.fullmatch(name)
+        if match:
+            return int(match.group("index")), True
+        match = self._member.fullmatch(name)
+        if match:
+            return int(match.group("index")), False
+        return None
+
+
+class HealthCheck(Protocol):
+    """A health probe beyond node presence (e.g. one based on stc-smi).
+
+    Called only for NPUs whose nodes are all present; returns None when the
+    NPU is fine, otherwise a short reason. Implementations that do I/O live
+    outside the core and are handed in.
+    """
+
+    def problem(self, npu: Npu) -> str | None: ...
+
+
+def node_sort_key(name: str) -> tuple[tuple[int, str], ...]:
+    """Natural order (stc0c2 before stc0c10, clusters before ctrl)."""
+    parts = re.split(r"([0-9]+)", name)
+    return tuple((int(part), "") if part.isdigit() else (-1, part) for part in parts)
+
+
+def _ordered_nodes(own: str, members: Iterable[str]) -> tuple[str, ...]:
+    return (own, *sorted(set(members) - {own}, key=node_sort_key))
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """All NPUs known, keyed by ID. Immutable: updates return a new one."""
+
+    npus: Mapping[str, Npu] = field(default_factory=dict)
+
+    def get(self, npu_id: str) -> Npu | None:
+        return self.npus.get(npu_id)
+
+    def ordered(self) -> list[Npu]:
+        return sorted(self.npus.values(), key=lambda npu: (npu.index, npu.id))
+
+    def healthy_ids(self) -> set[str]:
+        return {npu.id for npu in self.npus.values() if npu.healthy}
+
+    def updated(
+        self,
+        observations: Iterable[NodeObservation],
+        naming: Naming,
+        pci: Mapping[str, PciInfo],
+        checks: Sequence[HealthCheck] = (),
+    ) -> Inventory:
+        """The inventory after a full scan of the device directory.
+
+        ``pci`` maps NPU IDs to what sysfs said (missing: keep what we knew).
+        """
+        own_nodes: dict[int, NodeObservation] = {}
+        members: dict[int, list[NodeObservation]] = {}
+        for observation in observations:
+            classified = naming.classify(observation.name)
+            if classified is None:
+                continue
+            index, is_own = classified
+            if is_own:
+                own_nodes[index] = observation
+            else:
+                members.setdefault(index, []).append(observation)
+
+        known_by_index = {npu.index: npu for npu in self.npus.values()}
+        result: dict[str, Npu] = {}
+        for index in sorted(set(known_by_index) | set(own_nodes)):
+            previous = known_by_index.get(index)
+            own = own_nodes.get(index)
+            npu_id = previous.id if previous else own.name  # type: ignore[union-attr]
+            seen = {observation.name: observation for observation in members.get(index, [])}
+            if own is not None:
+                seen[own.name] = own
+            expected = _ordered_nodes(
+                npu_id, (*(previous.expected_nodes if previous else ()), *seen)
+            )
+            present = tuple(
+                name
+                for name in expected
+                if name in seen and seen[name].kind is NodeKind.CHAR_DEVICE
+            )
+            npu = Npu(
+                id=npu_id,
+                index=index,
+                expected_nodes=expected,
+                present_nodes=present,
+                pci=pci.get(npu_id, previous.pci if previous else PciInfo()),
+            )
+            result[npu_id] = _judge(npu, seen, checks)
+        return Inventory(result)
+
+
+def _judge(npu: Npu, seen: Mapping[str, NodeObservation], checks: Sequence[HealthCheck]) -> Npu:
+    """Health from presence first, then from each extra check in order."""
+    missing = [name for name in npu.expected_nodes if name not in seen]
+    not_char = [
+        name for name in npu.expected_nodes if name in seen and name not in npu.present_nodes
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    if not_char:
+        problems.append(f"not a character device: {', '.join(not_char)}")
+    if not problems:
+        for check in checks:
+            problem = check.problem(npu)
+            if problem:
+                problems.append(problem)
+                break
+    return replace(npu, healthy=not problems, reason="; ".join(problems))
+
+
+def describe_changes(before: Inventory, after: Inventory) -> list[str]:
+    """One human line per NPU that appeared or changed health or reason."""
+    lines = []
+    for npu in after.ordered():
+        old = before.get(npu.id)
+        if old is None:
+            numa = "none" if npu.numa_node is None else str(npu.numa_node)
+            lines.append(
+                f"{npu.id} appeared: {npu.health}, NUMA {numa}, {len(npu.present_nodes)} nodes"
+            )
+        elif (old.healthy, old.reason) != (npu.healthy, npu.reason):
+            why = f" ({npu.reason})" if npu.reason else ""
+            lines.append(f"{npu.id} {old.health} -> {npu.health}{why}")
+    return lines

@@ -1,0 +1,169 @@
+"""The v1beta1.DevicePlugin gRPC service: translates between protobuf and the core.
+
+Holds no discovery or policy logic of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from stc_npu_agent.core.allocation import (
+    AllocationError,
+    ContainerAllocation,
+    ErrorKind,
+    plan_allocation,
+    preferred_allocation,
+)
+from stc_npu_agent.core.config import HpeConfig
+from stc_npu_agent.core.devices import Inventory
+from stc_npu_agent.state import DeviceState
+from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Sent in RegisterRequest.options (read by kubelets 1.18-1.25) and answered by
+# GetDevicePluginOptions (asked by 1.26+): one constant, so the two agree.
+PLUGIN_OPTIONS = api_pb2.DevicePluginOptions(
+    pre_start_required=False, get_preferred_allocation_available=True
+)
+
+_GRPC_CODES = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def list_response(inventory: Inventory) -> api_pb2.ListAndWatchResponse:
+    devices = []
+    for npu in inventory.ordered():
+        device = api_pb2.Device(ID=npu.id, health=npu.health)
+        if npu.numa_node is not None:
+            device.topology.nodes.add(ID=npu.numa_node)
+        devices.append(device)
+    return api_pb2.ListAndWatchResponse(devices=devices)
+
+
+def allocate_response(plan: ContainerAllocation) -> api_pb2.ContainerAllocateResponse:
+    return api_pb2.ContainerAllocateResponse(
+        envs=dict(plan.envs),
+        mounts=[
+            api_pb2.Mount(
+                host_path=mount.host_path,
+                container_path=mount.container_path,
+                read_only=mount.read_only,
+            )
+            for mount in plan.mounts
+        ],
+        devices=[
+            api_pb2.DeviceSpec(
+                host_path=spec.host_path,
+                container_path=spec.container_path,
+                permissions=spec.permissions,
+            )
+            for spec in plan.devices
+        ],
+    )
+
+
+class StreamTracker:
+    """What the lifecycle needs to know of one plugin instance's streams."""
+
+    def __init__(self, on_lost: Callable[[], None]) -> None:
+        self.closing = False
+        self.open_streams = 0
+        self.opened_total = 0
+        self._on_lost = on_lost
+
+    def lost(self) -> None:
+        # Our own shutdown of this instance also cancels its streams: only a
+        # stream the kubelet ended while we still serve is a signal.
+        if not self.closing:
+            self._on_lost()
+
+
+class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
+    def __init__(self, state: DeviceState, hpe: HpeConfig, streams: StreamTracker) -> None:
+        self.state = state
+        self.hpe = hpe
+        self.streams = streams
+
+    async def GetDevicePluginOptions(
+        self, request: api_pb2.Empty, context: grpc.aio.ServicerContext[object, object]
+    ) -> api_pb2.DevicePluginOptions:
+        return PLUGIN_OPTIONS
+
+    async def ListAndWatch(
+        self, request: api_pb2.Empty, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[api_pb2.ListAndWatchResponse]:
+        streams = self.streams
+        streams.open_streams += 1
+        streams.opened_total += 1
+        log.info("kubelet opened ListAndWatch: %d devices", len(self.state.inventory.npus))
+        ended_by_kubelet = True
+        try:
+            while not streams.closing:
+                # Take the wake-up before sending, so a change that lands
+                # between send and wait is never missed.
+                change = self.state.next_change()
+                yield list_response(self.state.inventory)
+                await change.wait()
+            ended_by_kubelet = False
+        finally:
+            streams.open_streams -= 1
+            if ended_by_kubelet:
+                streams.lost()
+
+    async def Allocate(
+        self, request: api_pb2.AllocateRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> api_pb2.AllocateResponse:
+        if not request.container_requests:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no container requests")
+        responses = []
+        for container in request.container_requests:
+            ids = list(container.devices_ids)
+            try:
+                plan = plan_allocation(self.state.inventory, ids, self.hpe)
+            except AllocationError as error:
+                log.warning("Allocate refused: %s", error.message)
+                if error.kind is ErrorKind.FAILED_PRECONDITION:
+                    # The API's rule: on failure, send the kubelet the list again.
+                    self.state.wake()
+                await context.abort(_GRPC_CODES[error.kind], error.message)
+            log.info(
+                "Allocate %s: %d device nodes%s",
+                ",".join(sorted(ids)),
+                len(plan.devices),
+                ", HPE mounted read-only" if plan.mounts else "",
+            )
+            responses.append(allocate_response(plan))
+        return api_pb2.AllocateResponse(container_responses=responses)
+
+    async def GetPreferredAllocation(
+        self,
+        request: api_pb2.PreferredAllocationRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> api_pb2.PreferredAllocationResponse:
+        responses = []
+        for container in request.container_requests:
+            try:
+                ids = preferred_allocation(
+                    self.state.inventory,
+                    list(container.available_deviceIDs),
+                    list(container.must_include_deviceIDs),
+                    container.allocation_size,
+                )
+            except AllocationError as error:
+                log.warning("GetPreferredAllocation refused: %s", error.message)
+                await context.abort(_GRPC_CODES[error.kind], error.message)
+            responses.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=ids))
+        return api_pb2.PreferredAllocationResponse(container_responses=responses)
+
+    async def PreStartContainer(
+        self,
+        request: api_pb2.PreStartContainerRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> api_pb2.PreStartContainerResponse:
+        return api_pb2.PreStartContainerResponse()

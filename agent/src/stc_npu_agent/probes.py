@@ -1,0 +1,81 @@
+"""HTTP probes for the kubelet: /healthz (the loop is alive), /readyz (registered).
+
+Served from a thread of its own, so a stuck asyncio loop cannot also stall
+the probe that reports it. Off unless an address is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+# The loop beats every second; this many seconds of silence means stuck.
+STALE_AFTER = 10.0
+
+
+class ProbeTarget(Protocol):
+    heartbeat: float
+
+    @property
+    def ready(self) -> bool: ...
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"probe address must be HOST:PORT, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (kubelet probes the pod IP)
+
+
+class ProbeServer:
+    def __init__(self, address: str, target: ProbeTarget) -> None:
+        self.target = target
+        host, port = parse_address(address)
+        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="probes", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        target = self.target
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/healthz":
+                    age = time.monotonic() - target.heartbeat
+                    ok, text = age < STALE_AFTER, f"loop heartbeat {age:.1f} s ago"
+                elif self.path == "/readyz":
+                    ok = target.ready
+                    text = "registered and streaming" if ok else "not registered with the kubelet"
+                else:
+                    self.send_error(404)
+                    return
+                body = (text + "\n").encode()
+                self.send_response(200 if ok else 503)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # probes every few seconds would drown the log
+
+        return Handler
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("probes on http://%s:%d (/healthz, /readyz)", *self._server.server_address[:2])
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

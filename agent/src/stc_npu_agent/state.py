@@ -1,0 +1,69 @@
+"""The live device state: the inventory, kept current by rescans, and a wake-up
+for every ListAndWatch stream when what the kubelet sees changes.
+
+Runs on the asyncio loop thread only (watchdog threads hand events over with
+call_soon_threadsafe), so it needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from stc_npu_agent.core.devices import HealthCheck, Inventory, Naming, describe_changes
+from stc_npu_agent.discovery import DeviceScanner
+
+log = logging.getLogger(__name__)
+
+KubeletView = tuple[tuple[str, str, int | None], ...]
+
+
+def kubelet_view(inventory: Inventory) -> KubeletView:
+    """Exactly what a ListAndWatch message carries: ID, health, NUMA node."""
+    return tuple((npu.id, npu.health, npu.numa_node) for npu in inventory.ordered())
+
+
+class DeviceState:
+    def __init__(
+        self, scanner: DeviceScanner, naming: Naming, checks: Sequence[HealthCheck] = ()
+    ) -> None:
+        self.scanner = scanner
+        self.naming = naming
+        self.checks = tuple(checks)
+        self.inventory = Inventory()
+        self.rescans = 0
+        self._view: KubeletView = ()
+        self._changed = asyncio.Event()
+        self._rescan_pending = False
+
+    def rescan(self) -> bool:
+        """Scan now; wake the streams if the kubelet's view changed."""
+        self._rescan_pending = False
+        self.rescans += 1
+        observations, pci = self.scanner.scan()
+        before = self.inventory
+        self.inventory = before.updated(observations, self.naming, pci, self.checks)
+        for line in describe_changes(before, self.inventory):
+            log.info("device %s", line)
+        view = kubelet_view(self.inventory)
+        if view == self._view:
+            return False
+        self._view = view
+        self.wake()
+        return True
+
+    def schedule_rescan(self) -> None:
+        """Coalesce a burst of file system events into one rescan."""
+        if not self._rescan_pending:
+            self._rescan_pending = True
+            asyncio.get_running_loop().call_soon(self.rescan)
+
+    def wake(self) -> None:
+        """Wake every waiting stream (to send the list, or to notice a close)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def next_change(self) -> asyncio.Event:
+        """The event the next change sets; take it before reading the state."""
+        return self._changed

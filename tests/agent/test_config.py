@@ -1,0 +1,134 @@
+"""Config parsing (pure) and loading (file shell): defaults, refusals, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stc_npu_agent.core.config import (
+    Config,
+    ConfigError,
+    DiscoveryConfig,
+    HpeConfig,
+    extended_resource_name_problem,
+    parse_config,
+)
+from stc_npu_agent.settings import load_config
+
+
+def test_empty_document_means_defaults() -> None:
+    config = parse_config(None)
+    assert config == Config()
+    assert config.resource_name == "streamcomputing.com/npu"
+    assert config.hpe == HpeConfig("mapped", "/usr/local/hpe", "/usr/local/hpe")
+
+
+def test_full_document_is_parsed() -> None:
+    config = parse_config(
+        {
+            "resourceName": "example.com/accel",
+            "hpe": {"mode": "unmapped", "hostPath": "/opt/hpe", "containerPath": "/usr/local/hpe"},
+            "discovery": {
+                "npuPattern": r"npu(?P<index>\d+)",
+                "memberPattern": r"npu(?P<index>\d+)x",
+            },
+        }
+    )
+    assert config.resource_name == "example.com/accel"
+    assert config.hpe == HpeConfig("unmapped", "/opt/hpe", "/usr/local/hpe")
+    assert config.discovery == DiscoveryConfig(r"npu(?P<index>\d+)", r"npu(?P<index>\d+)x")
+
+
+def test_round_trip_through_to_mapping() -> None:
+    config = parse_config({"hpe": {"mode": "unmapped"}})
+    assert parse_config(config.to_mapping()) == config
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"resourceNmae": "a.com/b"}, "resourceNmae: unknown key"),
+        ({"hpe": {"mod": "mapped"}}, "hpe.mod: unknown key"),
+        ({"discovery": {"pattern": "x"}}, "discovery.pattern: unknown key"),
+        ({"hpe": {"mode": "bogus"}}, "hpe.mode: expected one of mapped, unmapped, got 'bogus'"),
+        ({"hpe": {"mode": True}}, "hpe.mode: expected one of mapped, unmapped, got a boolean"),
+        ({"hpe": "mapped"}, "hpe: expected a mapping, got 'mapped'"),
+        ({"hpe": {"hostPath": "usr/local/hpe"}}, "hpe.hostPath: must be an absolute path"),
+        ({"hpe": {"hostPath": "/usr/../etc"}}, "hpe.hostPath: must be a normalized"),
+        ({"hpe": {"containerPath": 5}}, "hpe.containerPath: expected a string, got a number"),
+        ({"resourceName": 7}, "resourceName: expected a string, got a number (7)"),
+        ({"resourceName": "npu"}, "resourceName: invalid resource name 'npu'"),
+        ({"resourceName": "kubernetes.io/npu"}, "reserved for native resources"),
+        ({"resourceName": "requests.a.com/npu"}, "must not start with 'requests.'"),
+        ({"resourceName": "Example.com/npu"}, "is not a valid DNS subdomain"),
+        ({"resourceName": "a.com/" + "n" * 64}, "at most 63 characters"),
+        (
+            {"discovery": {"npuPattern": "stc("}},
+            "discovery.npuPattern: not a valid regular expression",
+        ),
+        ({"discovery": {"memberPattern": "stc[0-9]+c"}}, "group named 'index'"),
+        (["a"], "top level: expected a mapping, got a list"),
+    ],
+)
+def test_bad_documents_are_refused_naming_the_key(document: object, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "name", ["streamcomputing.com/npu", "a.b/c", "example.com/npu-2.x_y", "x.io/" + "n" * 63]
+)
+def test_valid_resource_names(name: str) -> None:
+    assert extended_resource_name_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    "name", ["", "a/b/c", "/npu", "a.com/", "a.com/-npu", "sub.kubernetes.io/npu", "a_b.com/npu"]
+)
+def test_invalid_resource_names(name: str) -> None:
+    assert extended_resource_name_problem(name) is not None
+
+
+def test_load_config_reads_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("resourceName: example.com/npu\nhpe:\n  mode: unmapped\n")
+    config = load_config(path)
+    assert config.resource_name == "example.com/npu"
+    assert config.hpe.mode == "unmapped"
+
+
+def test_load_config_empty_file_is_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("")
+    assert load_config(path) == Config()
+
+
+def test_load_config_none_is_defaults() -> None:
+    assert load_config(None) == Config()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("hpe: [unclosed\n", "line 2: invalid YAML"),
+        ("hpe:\n  mode: bogus\n", "hpe.mode: expected one of"),
+        ("hpe:\n  bad: 1\n", "hpe.bad: unknown key"),
+    ],
+)
+def test_load_config_errors_name_the_file(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"config {path}")
+    assert message in str(caught.value)
+
+
+def test_load_config_directory_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.yaml")
