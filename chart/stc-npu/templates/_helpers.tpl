@@ -1,0 +1,106 @@
+{{/*
+Helpers of the stc-npu chart. Every object's name, labels and namespace come
+from here, so they cannot differ between templates.
+*/}}
+
+{{/* The chart name. There is no nameOverride: it would change the selector. */}}
+{{- define "stc-npu.name" -}}
+{{- .Chart.Name -}}
+{{- end -}}
+
+{{/*
+Object names: the release name when it already contains the chart name (the
+documented `helm install stc-npu ...` gives plain "stc-npu"), otherwise
+<release>-stc-npu; at most 63 characters.
+*/}}
+{{- define "stc-npu.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "stc-npu.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride -}}
+{{- end -}}
+
+{{/*
+Selector labels: name and instance only. They are immutable on a DaemonSet, so
+they must never change between chart versions (tests/chart/previous holds the
+ones 0.1.0 committed to).
+*/}}
+{{- define "stc-npu.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "stc-npu.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "stc-npu.labels" -}}
+{{ include "stc-npu.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: device-plugin
+app.kubernetes.io/part-of: stc-npu
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end -}}
+
+{{/* An image reference from {repository, tag, digest}: the digest wins. */}}
+{{- define "stc-npu.imageRef" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository (.image.tag | default .defaultTag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the host's devDir appears inside the agent container. */}}
+{{- define "stc-npu.hostDevMount" -}}
+/host/dev
+{{- end -}}
+
+{{- define "stc-npu.configDir" -}}
+/etc/stc-npu
+{{- end -}}
+
+{{/*
+The agent's config file. Only resourceName, hpe and discovery, written
+field by field in a fixed order (the agent's own order), so the file and
+its checksum depend only on these values.
+*/}}
+{{- define "stc-npu.configFile" -}}
+resourceName: {{ .Values.resourceName | quote }}
+hpe:
+  mode: {{ .Values.hpe.mode | quote }}
+  hostPath: {{ .Values.hpe.hostPath | quote }}
+  containerPath: {{ .Values.hpe.containerPath | quote }}
+discovery:
+  npuPattern: {{ .Values.discovery.npuPattern | quote }}
+  memberPattern: {{ .Values.discovery.memberPattern | quote }}
+{{- end -}}
+
+{{/*
+The agent's arguments, all in one place. Each setting is a flag (a flag wins
+over the STC_NPU_* environment variable of the same setting).
+*/}}
+{{- define "stc-npu.agentArgs" -}}
+- {{ printf "--kubelet-dir=%s" .Values.kubeletDir | quote }}
+- {{ printf "--dev-dir=%s" (include "stc-npu.hostDevMount" .) | quote }}
+- {{ printf "--config=%s/config.yaml" (include "stc-npu.configDir" .) | quote }}
+- {{ printf "--log-level=%s" .Values.logLevel | quote }}
+- {{ printf "--log-format=%s" .Values.logFormat | quote }}
+- {{ printf "--probe-address=0.0.0.0:%d" (int .Values.probes.port) | quote }}
+{{- end -}}
+
+{{/*
+Labels of the helm test pod. Deliberately NOT the selector labels: the
+DaemonSet would adopt an orphan pod that matches its selector.
+*/}}
+{{- define "stc-npu.testLabels" -}}
+app.kubernetes.io/name: {{ include "stc-npu.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: test
+app.kubernetes.io/part-of: stc-npu
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end -}}
