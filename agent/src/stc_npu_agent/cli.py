@@ -109,6 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, flag.name.replace("-", "_"))
         if flag.choices and value not in flag.choices:
             parser.error(f"--{flag.name} / {flag.env}: {value!r} is not one of {flag.choices}")
+    if args.probe_address:
+        from stc_npu_agent.probes import parse_address  # noqa: PLC0415
+
+        try:
+            parse_address(args.probe_address)
+        except ValueError as error:
+            parser.error(f"--probe-address / STC_NPU_PROBE_ADDRESS: {error}")
     setup_logging(args.log_level, args.log_format)
     try:
         config = load_config(args.config)

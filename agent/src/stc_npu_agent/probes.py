@@ -27,7 +27,7 @@ class ProbeTarget(Protocol):
 
 def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"probe address must be HOST:PORT, got {address!r}")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (kubelet probes the pod IP)
 

@@ -199,7 +199,8 @@ def _judge(npu: Npu, seen: Mapping[str, NodeObservation], checks: Sequence[Healt
 
 
 def describe_changes(before: Inventory, after: Inventory) -> list[str]:
-    """One human line per NPU that appeared or changed health or reason."""
+    """One human line per NPU that appeared or changed health (not reason alone:
+    an unplug removes six nodes one by one, and one line is enough)."""
     lines = []
     for npu in after.ordered():
         old = before.get(npu.id)
@@ -208,7 +209,7 @@ def describe_changes(before: Inventory, after: Inventory) -> list[str]:
             lines.append(
                 f"{npu.id} appeared: {npu.health}, NUMA {numa}, {len(npu.present_nodes)} nodes"
             )
-        elif (old.healthy, old.reason) != (npu.healthy, npu.reason):
+        elif old.healthy != npu.healthy:
             why = f" ({npu.reason})" if npu.reason else ""
             lines.append(f"{npu.id} {old.health} -> {npu.health}{why}")
     return lines

@@ -1,0 +1,69 @@
+"""The HTTP probe server on its own: what each endpoint answers and when."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from stc_npu_agent.probes import STALE_AFTER, ProbeServer, parse_address
+
+
+class Target:
+    def __init__(self) -> None:
+        self.heartbeat = time.monotonic()
+        self.ready = False
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Target, int]]:
+    target = Target()
+    server = ProbeServer("127.0.0.1:0", target)
+    server.start()
+    yield target, server.port
+    server.stop()
+
+
+def test_healthz_follows_the_heartbeat(served: tuple[Target, int]) -> None:
+    target, port = served
+    assert get(port, "/healthz")[0] == 200
+    target.heartbeat = time.monotonic() - STALE_AFTER - 1  # a loop that stopped beating
+    status, body = get(port, "/healthz")
+    assert status == 503
+    assert "heartbeat" in body
+
+
+def test_readyz_follows_registration(served: tuple[Target, int]) -> None:
+    target, port = served
+    assert get(port, "/readyz") == (503, "not registered with the kubelet\n")
+    target.ready = True
+    assert get(port, "/readyz") == (200, "registered and streaming\n")
+
+
+def test_unknown_path_is_404(served: tuple[Target, int]) -> None:
+    assert get(served[1], "/metrics")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [("0.0.0.0:8081", ("0.0.0.0", 8081)), (":9000", ("0.0.0.0", 9000)), ("[::1]:80", ("::1", 80))],
+)
+def test_parse_address(address: str, expected: tuple[str, int]) -> None:
+    assert parse_address(address) == expected
+
+
+@pytest.mark.parametrize("address", ["8081", "host:", "host:65536", "host:http"])
+def test_parse_address_refuses(address: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_address(address)
