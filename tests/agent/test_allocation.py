@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 
 from stc_npu_agent.core.allocation import (
@@ -30,7 +32,7 @@ def nodes(index: int) -> list[NodeObservation]:
     return [NodeObservation(name, NodeKind.CHAR_DEVICE, (240, index)) for name in names]
 
 
-def inventory(numa: dict[int, int | None], unhealthy: tuple[int, ...] = ()) -> Inventory:
+def inventory(numa: Mapping[int, int | None], unhealthy: tuple[int, ...] = ()) -> Inventory:
     """NPUs by index -> NUMA node; the unhealthy ones lose their own node."""
     observations = [obs for index in numa for obs in nodes(index)]
     pci = {f"stc{index}": PciInfo(numa_node=node) for index, node in numa.items()}
