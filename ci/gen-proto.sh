@@ -8,7 +8,11 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 src=agent/src
 out=${1:-$src}
+# The mypy stub plugins live next to the interpreter (the venv's bin).
+bin=$(dirname "$python")
 "$python" -m grpc_tools.protoc -I "$src" \
+  --plugin=protoc-gen-mypy="$bin/protoc-gen-mypy" \
+  --plugin=protoc-gen-mypy_grpc="$bin/protoc-gen-mypy_grpc" \
   --python_out="$out" --grpc_python_out="$out" \
   --mypy_out="$out" --mypy_grpc_out="$out" \
   stc_npu_agent/v1beta1/api.proto

@@ -187,7 +187,9 @@ class Agent:
             self._kubelet_changed.set()
         if not self.registered or self.instance is None:
             return
-        if kubelet != self._registered_kubelet:
+        if kubelet is None:
+            self.request_reregister(f"{KUBELET_SOCKET} was removed (kubelet stopped)")
+        elif kubelet != self._registered_kubelet:
             self.request_reregister(f"{KUBELET_SOCKET} was re-created (kubelet restart)")
         elif not self.instance.path.exists():
             self.request_reregister(f"own socket {self.instance.name} was deleted")
