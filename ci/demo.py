@@ -41,6 +41,57 @@ def show_devices(kubelet: KubeletEmulator) -> None:
     )
 
 
+def show_allocation(kubelet: KubeletEmulator) -> None:
+    response = kubelet.allocate(RESOURCE, ["stc1"])
+    say("kubelet", "Allocate [stc1] ->")
+    for spec in response.devices:
+        say(
+            "kubelet",
+            f"  device {spec.host_path} -> {spec.container_path} ({spec.permissions})",
+        )
+    for mount in response.mounts:
+        mode = "read-only" if mount.read_only else "read-write"
+        say("kubelet", f"  mount  {mount.host_path} -> {mount.container_path} ({mode})")
+    for key, value in sorted(response.envs.items()):
+        say("kubelet", f"  env    {key}={value}")
+
+    preferred = kubelet.get_preferred_allocation(RESOURCE, ["stc3", "stc0", "stc2", "stc1"], [], 2)
+    say("kubelet", f"GetPreferredAllocation 2 of 4 -> {preferred} (one NUMA node)")
+
+
+def show_unplug(node: SimNode, kubelet: KubeletEmulator) -> None:
+    unplugged = time.monotonic()
+    node.unplug(2)
+    say("node", "hot-unplug NPU 2 (its six device nodes vanish)")
+    kubelet.wait_until(
+        lambda: not kubelet.devices(RESOURCE)["stc2"].healthy, timeout=10, what="stc2 down"
+    )
+    say("kubelet", f"stc2 Unhealthy after {ms(time.monotonic() - unplugged)}:")
+    show_devices(kubelet)
+    replugged = time.monotonic()
+    node.replug(2)
+    say("node", "replug NPU 2")
+    kubelet.wait_until(
+        lambda: kubelet.devices(RESOURCE)["stc2"].healthy, timeout=10, what="stc2 back"
+    )
+    say("kubelet", f"stc2 Healthy again after {ms(time.monotonic() - replugged)}")
+
+
+def show_restart(kubelet: KubeletEmulator) -> None:
+    count = len(kubelet.registrations)
+    kubelet.stop()
+    say("kubelet", "kubelet stopped; restarting (it deletes every plugin socket)")
+    restarted = time.monotonic()
+    kubelet.start()
+    again = kubelet.wait_registered(RESOURCE, after=count, timeout=15)
+    say(
+        "kubelet",
+        f"re-registered {ms(again.received_at - restarted)} after the kubelet started, "
+        f"new socket {again.endpoint}",
+    )
+    show_devices(kubelet)
+
+
 def demo(root: Path) -> None:
     node = SimNode(root / "node")
     for index, numa in NUMA_OF.items():
@@ -72,7 +123,8 @@ def demo(root: Path) -> None:
         say(
             "kubelet",
             f"Register {registration.resource_name} {registration.version} from "
-            f"{registration.endpoint}, {ms(registration.received_at - started)} after process start",
+            f"{registration.endpoint}, "
+            f"{ms(registration.received_at - started)} after process start",
         )
         options = kubelet.options(RESOURCE)
         say(
@@ -84,52 +136,9 @@ def demo(root: Path) -> None:
         say("kubelet", "ListAndWatch:")
         show_devices(kubelet)
 
-        response = kubelet.allocate(RESOURCE, ["stc1"])
-        say("kubelet", "Allocate [stc1] ->")
-        for spec in response.devices:
-            say(
-                "kubelet",
-                f"  device {spec.host_path} -> {spec.container_path} ({spec.permissions})",
-            )
-        for mount in response.mounts:
-            mode = "read-only" if mount.read_only else "read-write"
-            say("kubelet", f"  mount  {mount.host_path} -> {mount.container_path} ({mode})")
-        for key, value in sorted(response.envs.items()):
-            say("kubelet", f"  env    {key}={value}")
-
-        preferred = kubelet.get_preferred_allocation(
-            RESOURCE, ["stc3", "stc0", "stc2", "stc1"], [], 2
-        )
-        say("kubelet", f"GetPreferredAllocation 2 of 4 -> {preferred} (one NUMA node)")
-
-        unplugged = time.monotonic()
-        node.unplug(2)
-        say("node", "hot-unplug NPU 2 (its six device nodes vanish)")
-        kubelet.wait_until(
-            lambda: not kubelet.devices(RESOURCE)["stc2"].healthy, timeout=10, what="stc2 down"
-        )
-        say("kubelet", f"stc2 Unhealthy after {ms(time.monotonic() - unplugged)}:")
-        show_devices(kubelet)
-        replugged = time.monotonic()
-        node.replug(2)
-        say("node", "replug NPU 2")
-        kubelet.wait_until(
-            lambda: kubelet.devices(RESOURCE)["stc2"].healthy, timeout=10, what="stc2 back"
-        )
-        say("kubelet", f"stc2 Healthy again after {ms(time.monotonic() - replugged)}")
-
-        count = len(kubelet.registrations)
-        kubelet.stop()
-        say("kubelet", "kubelet stopped; restarting (it deletes every plugin socket)")
-        kubelet.start()
-        restarted = time.monotonic()
-        again = kubelet.wait_registered(RESOURCE, after=count, timeout=15)
-        say(
-            "kubelet",
-            f"re-registered {ms(again.received_at - restarted)} after kubelet.sock came back, "
-            f"new socket {again.endpoint}",
-        )
-        show_devices(kubelet)
+        show_allocation(kubelet)
+        show_unplug(node, kubelet)
+        show_restart(kubelet)
     finally:
         agent.send_signal(signal.SIGTERM)
         code = agent.wait(15)
