@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TOOLS := .tools/bin
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/$(TOOLS):$(PATH)
 
-.PHONY: venv tools lint typecheck unit test demo proto
+.PHONY: venv tools lint typecheck test demo proto bench
 
 $(VENV)/.installed: requirements-dev.txt agent/pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,3 +34,7 @@ test: venv tools lint typecheck
 
 demo: venv
 	$(PY) ci/demo.py
+
+# Speed and footprint of the real agent (figures in bench/README.md).
+bench: venv
+	$(PY) bench/run.py
