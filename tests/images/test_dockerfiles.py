@@ -13,12 +13,13 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import dockerfile
 import pytest
+
 import stc_npu_agent
 
 REPO = Path(__file__).resolve().parents[2]
@@ -549,10 +550,23 @@ class StepRunner:
 
     ABSOLUTE = re.compile(r"(?:^|[\s=\"'])(/[\w.-]+)")
 
-    def __init__(self, paths: dict[str, Path], context: Path, base_bin: Path) -> None:
+    def __init__(
+        self,
+        paths: dict[str, Path],
+        context: Path,
+        base_bin: Path,
+        *,
+        build_args: dict[str, str] | None = None,
+        skip_run: Callable[[str], bool] = lambda text: False,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.paths = paths
         self.context = context
         self.base_bin = base_bin
+        self.build_args = build_args or {}
+        self.skip_run = skip_run
+        self.skipped: list[str] = []
+        self.extra_env = extra_env or {}
         self.env: dict[str, str] = {}
         self.cwd = context
 
@@ -572,7 +586,9 @@ class StepRunner:
 
     def do_arg(self, command: dockerfile.Command) -> None:
         key, has_default, default = command.value[0].partition("=")
-        if has_default:
+        if key in self.build_args:
+            self.env[key] = self.build_args[key]
+        elif has_default:
             self.env[key] = default
 
     def do_env(self, command: dockerfile.Command) -> None:
@@ -598,23 +614,31 @@ class StepRunner:
                 # to the same temporary directory.
                 assert mount["source"] == mount["target"], mount
                 assert mount["source"] in self.paths, f"map {mount['source']}"
+            elif mount.get("type") == "secret":
+                # A BuildKit secret, at its default place unless a target is given.
+                target = mount.get("target", f"/run/secrets/{mount['id']}")
+                assert target in self.paths, f"map {target}"
             else:
                 # The pip cache mount: pip's own cache on this machine.
                 assert mount.get("type") == "cache", mount
         text = run_text(command)
+        if self.skip_run(text):
+            self.skipped.append(text)
+            return
         rest = text
         for image_path in self.paths:
-            rest = rest.replace(image_path, "")
+            rest = rest.replace(image_path, "MAPPED")
         unmapped = self.ABSOLUTE.findall(rest)
         assert unmapped == [], f"line {command.start_line}: map these paths: {unmapped}"
         host_path = f"{self.base_bin}{os.pathsep}{os.environ['PATH']}"
         env = {
             **os.environ,
+            **self.extra_env,
             **self.env,
             "PATH": self.env.get("PATH", "${PATH}").replace("${PATH}", host_path),
         }
         env.pop("PYTHONHOME", None)
-        result = subprocess.run(
+        self.last = subprocess.run(
             ["sh", "-ec", self.map(text)],
             cwd=self.cwd,
             env=env,
@@ -623,6 +647,7 @@ class StepRunner:
             timeout=90,
             check=False,
         )
+        result = self.last
         assert result.returncode == 0, f"line {command.start_line}:\n{result.stdout}{result.stderr}"
 
 
@@ -664,3 +689,115 @@ def test_plugin_install_steps_give_a_working_agent(tmp_path: Path) -> None:
         [str(base / "bin" / "python"), "-c", "import pip"], capture_output=True, check=False
     )
     assert base_probe.returncode != 0, "the runtime stage should remove pip from the base Python"
+
+
+# --------------------------------------------------------------------------
+# The unmapped image's download and key steps, against a fake package server
+
+UNMAPPED_DOCKERFILE = IMAGES / "pod-unmapped" / "Dockerfile"
+# A throwaway signing key, standing in for the vendor's hpe.pub.
+TEST_KEY_FINGERPRINT = "96A44E65FECE709B6D2D1B03B97F2144E5A654D8"
+TEST_KEY = """\
+-----BEGIN PGP PUBLIC KEY BLOCK-----
+
+mDMEawsOMxYJKwYBBAHaRw8BAQdAD0btbm6+2Zor3SeKp2p5XVyXgm6+4ZCH/H3x
+KAZLAUe0J3N0Yy1ucHUgdGVzdCBrZXkgPHRlc3RAZXhhbXBsZS5pbnZhbGlkPoiQ
+BBMWCAA4FiEElqROZf7OcJttLRsDuX8hROWmVNgFAmsLDjMCGwMFCwkIBwIGFQoJ
+CAsCBBYCAwECHgECF4AACgkQuX8hROWmVNjEQQD9GM7Y6XehYsQLgOavfOvioX/0
+n9fK5fm7kM3XThkHjUIA/3Fp6eR26Iim24RC1vPgrqkrKZCrveieHVJ3ue3HAKIK
+=T/0v
+-----END PGP PUBLIC KEY BLOCK-----
+"""
+NEEDS_TOOLS = pytest.mark.skipif(
+    not all(shutil.which(tool) for tool in ("curl", "gpg", "gpgconf", "dpkg-deb")),
+    reason="needs curl, gpg and dpkg-deb, as the image's fetch stage has",
+)
+
+
+def fake_package_server(root: Path) -> dict[str, str]:
+    """A directory served over file:// with a repository .deb holding hpe.pub
+    where the vendor's puts it, and a wheel; returns the build args."""
+    package = root / "deb"
+    (package / "DEBIAN").mkdir(parents=True)
+    (package / "DEBIAN" / "control").write_text(
+        "Package: hpe-repo-test\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: test <test@example.invalid>\nDescription: test repository\n"
+    )
+    (package / "var" / "hpe-repo-test").mkdir(parents=True)
+    (package / "var" / "hpe-repo-test" / "hpe.pub").write_text(TEST_KEY)
+    server = root / "server"
+    server.mkdir()
+    deb = "hpe-repo-test_1.0_all.deb"
+    subprocess.run(
+        ["dpkg-deb", "--build", "--root-owner-group", str(package), str(server / deb)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    wheel = "tb_test-1.0-py3-none-any.whl"
+    (server / wheel).write_bytes(b"not really a wheel")
+    return {"HPE_URI": server.as_uri(), "HPE_REPO_DEB": deb, "TENSORTURBO_WHEEL": wheel}
+
+
+def run_unmapped_fetch(tmp_path: Path, build_args: dict[str, str]) -> StepRunner:
+    stage = next(s for s in split_stages(list(dockerfile.parse_file(str(UNMAPPED_DOCKERFILE)))))
+    assert stage.name == "fetch"
+    paths = {
+        "/pkg": tmp_path / "pkg",
+        "/tmp/hpe-repo": tmp_path / "hpe-repo",
+        "/run/secrets/netrc": tmp_path / "secrets" / "netrc",
+    }
+    (tmp_path / "tmp").mkdir()
+    runner = StepRunner(
+        paths,
+        tmp_path,
+        tmp_path / "no-base-python",
+        build_args=build_args,
+        # The only step not run here: installing curl and gnupg with apt.
+        skip_run=lambda text: text.startswith("apt-get update"),
+        extra_env={"TMPDIR": str(tmp_path / "tmp")},
+    )
+    runner.run_stage(stage)
+    # The step's gpg calls use --no-autostart: no agent may be left behind.
+    agents = subprocess.run(["pgrep", "-f", f"gpg-agent --homedir {tmp_path}"], check=False)
+    assert agents.returncode == 1, "a gpg-agent was started"
+    return runner
+
+
+@NEEDS_TOOLS
+def test_unmapped_fetch_stage_downloads_and_exports_the_key(tmp_path: Path) -> None:
+    build_args = fake_package_server(tmp_path)
+    runner = run_unmapped_fetch(tmp_path, build_args)
+    assert len(runner.skipped) == 1
+    assert "--no-install-recommends ca-certificates curl gnupg" in runner.skipped[0]
+    pkg = tmp_path / "pkg"
+    assert (pkg / build_args["HPE_REPO_DEB"]).is_file()
+    assert (pkg / build_args["TENSORTURBO_WHEEL"]).read_bytes() == b"not really a wheel"
+    keyring = pkg / "hpe-repo-keyring.gpg"
+    assert not keyring.read_bytes().startswith(b"-----"), "apt wants a binary keyring here"
+    shown = subprocess.run(
+        ["gpg", "--with-colons", "--show-keys", str(keyring)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert f"fpr:::::::::{TEST_KEY_FINGERPRINT}:" in shown.stdout
+
+
+@NEEDS_TOOLS
+def test_unmapped_fetch_stage_works_with_a_netrc_secret_mounted(tmp_path: Path) -> None:
+    build_args = fake_package_server(tmp_path)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "netrc").write_text("machine example.invalid login u password p\n")
+    run_unmapped_fetch(tmp_path, build_args)
+    assert (tmp_path / "pkg" / build_args["HPE_REPO_DEB"]).is_file()
+
+
+@NEEDS_TOOLS
+def test_unmapped_fetch_stage_demands_the_package_uri(tmp_path: Path) -> None:
+    build_args = fake_package_server(tmp_path)
+    del build_args["HPE_URI"]
+    with pytest.raises(AssertionError, match="pass --build-arg HPE_URI"):
+        run_unmapped_fetch(tmp_path, build_args)
