@@ -709,7 +709,7 @@ n9fK5fm7kM3XThkHjUIA/3Fp6eR26Iim24RC1vPgrqkrKZCrveieHVJ3ue3HAKIK
 -----END PGP PUBLIC KEY BLOCK-----
 """
 NEEDS_TOOLS = pytest.mark.skipif(
-    not all(shutil.which(tool) for tool in ("curl", "gpg", "gpgconf", "dpkg-deb")),
+    not all(shutil.which(tool) for tool in ("curl", "gpg", "dpkg-deb", "pgrep")),
     reason="needs curl, gpg and dpkg-deb, as the image's fetch stage has",
 )
 
