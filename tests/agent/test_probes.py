@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +17,9 @@ class Target:
     def __init__(self) -> None:
         self.heartbeat = time.monotonic()
         self.ready = False
+
+    def status(self) -> dict[str, object]:
+        return {"registered": self.ready, "npus": []}
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -49,6 +53,14 @@ def test_readyz_follows_registration(served: tuple[Target, int]) -> None:
     assert get(port, "/readyz") == (503, "not registered with the kubelet\n")
     target.ready = True
     assert get(port, "/readyz") == (200, "registered and streaming\n")
+
+
+def test_status_is_the_targets_json(served: tuple[Target, int]) -> None:
+    target, port = served
+    target.ready = True
+    status, body = get(port, "/status")
+    assert status == 200
+    assert json.loads(body) == {"registered": True, "npus": []}
 
 
 def test_unknown_path_is_404(served: tuple[Target, int]) -> None:

@@ -33,7 +33,7 @@ import grpc
 
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import HealthCheck, Naming
-from stc_npu_agent.discovery import DeviceScanner
+from stc_npu_agent.discovery import DeviceScanner, hpe_problem
 from stc_npu_agent.plugin import PLUGIN_OPTIONS, DevicePluginService, StreamTracker
 from stc_npu_agent.state import DeviceState
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
@@ -155,6 +155,27 @@ class Agent:
     def ready(self) -> bool:
         instance = self.instance
         return self.registered and instance is not None and instance.streams.open_streams > 0
+
+    def status(self) -> dict[str, object]:
+        """The agent's view, including NPUs that vanished since it saw them."""
+        instance = self.instance
+        return {
+            "registered": self.registered,
+            "ready": self.ready,
+            "registrations": self.registrations,
+            "socket": instance.name if instance is not None else None,
+            "npus": [
+                {
+                    "id": npu.id,
+                    "health": npu.health,
+                    "reason": npu.reason,
+                    "expectedNodes": list(npu.expected_nodes),
+                    "presentNodes": list(npu.present_nodes),
+                    "numaNode": npu.numa_node,
+                }
+                for npu in self.state.inventory.ordered()
+            ],
+        }
 
     # --- signals ---
 
@@ -368,11 +389,13 @@ def _describe_error(error: BaseException) -> str:
 
 
 def run(
+    *,
     kubelet_dir: str,
     dev_dir: str,
     sys_dir: str,
     config: Config,
     probe_address: str | None = None,
+    hpe_dir: str | None = None,
 ) -> int:
     """Run the agent until SIGTERM/SIGINT; 0 on a clean stop."""
     agent = Agent(kubelet_dir, dev_dir, sys_dir, config)
@@ -382,6 +405,10 @@ def run(
         dev_dir,
         sys_dir,
     )
+    # Operators fix the node, not the pod: warn, and keep serving.
+    problem = hpe_problem(config, Path(hpe_dir or config.hpe.host_path))
+    if problem:
+        log.warning("%s", problem)
     probes = None
     if probe_address:
         from stc_npu_agent.probes import ProbeServer  # noqa: PLC0415

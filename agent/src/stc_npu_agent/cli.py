@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from stc_npu_agent import __version__
 from stc_npu_agent.core.config import Config, ConfigError
@@ -48,12 +49,31 @@ FLAGS = (
     Flag("log-level", "STC_NPU_LOG_LEVEL", "info", "log level", LOG_LEVELS),
     Flag("log-format", "STC_NPU_LOG_FORMAT", "text", "log format", LOG_FORMATS),
     Flag(
+        "hpe-dir",
+        "STC_NPU_HPE_DIR",
+        None,
+        "where this process sees the host's hpe.hostPath, to check it exists in mapped mode "
+        "(default: hpe.hostPath itself)",
+    ),
+    Flag(
         "probe-address",
         "STC_NPU_PROBE_ADDRESS",
         None,
         "HOST:PORT for the HTTP probes /healthz and /readyz (off unless set)",
     ),
 )
+
+
+def _add_flags(parser: argparse.ArgumentParser, *, with_defaults: bool) -> None:
+    for flag in FLAGS:
+        shown = flag.default if flag.default is not None else "unset"
+        parser.add_argument(
+            f"--{flag.name}",
+            # The subcommand's copy must not overwrite values given before it.
+            default=os.environ.get(flag.env, flag.default) if with_defaults else argparse.SUPPRESS,
+            choices=flag.choices,
+            help=f"{flag.help} [env {flag.env}, default {shown}]",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,15 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"stc-npu-agent {__version__}")
-    for flag in FLAGS:
-        default = os.environ.get(flag.env, flag.default)
-        shown = flag.default if flag.default is not None else "unset"
-        parser.add_argument(
-            f"--{flag.name}",
-            default=default,
-            choices=flag.choices,
-            help=f"{flag.help} [env {flag.env}, default {shown}]",
-        )
+    _add_flags(parser, with_defaults=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="print what the agent sees on this node (NPUs, health, kubelet, registration)",
+        description=(
+            "Print the NPUs found with their nodes, NUMA node, PCI vendor and health, the "
+            "kubelet socket, whether the agent is registered, and optionally the exact "
+            "Allocate answer for IDs. Exit 0: no problems; 1: problems found; 2: bad input."
+        ),
+    )
+    _add_flags(diagnose, with_defaults=False)
+    diagnose.add_argument("--json", action="store_true", help="machine-readable output")
+    diagnose.add_argument(
+        "--allocate",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="show the Allocate response a container would get for ID (repeatable)",
+    )
     return parser
 
 
@@ -122,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"stc-npu-agent: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.command == "diagnose":
+        return run_diagnose(args, config)
     return run_agent(args, config)
 
 
@@ -134,7 +167,22 @@ def run_agent(args: argparse.Namespace, config: Config) -> int:
         sys_dir=args.sys_dir,
         config=config,
         probe_address=args.probe_address,
+        hpe_dir=args.hpe_dir or config.hpe.host_path,
     )
+
+
+def run_diagnose(args: argparse.Namespace, config: Config) -> int:
+    from stc_npu_agent.diagnose import Paths  # noqa: PLC0415
+    from stc_npu_agent.diagnose import run_diagnose as diagnose  # noqa: PLC0415
+
+    paths = Paths(
+        kubelet_dir=Path(args.kubelet_dir),
+        dev_dir=Path(args.dev_dir),
+        sys_dir=Path(args.sys_dir),
+        hpe_dir=Path(args.hpe_dir or config.hpe.host_path),
+        probe_address=args.probe_address,
+    )
+    return diagnose(paths, config, args.allocate, args.json)
 
 
 if __name__ == "__main__":

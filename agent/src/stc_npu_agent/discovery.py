@@ -10,6 +10,7 @@ import os
 import stat
 from pathlib import Path
 
+from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import Naming, NodeKind, NodeObservation, PciInfo
 
 log = logging.getLogger(__name__)
@@ -98,4 +99,26 @@ def read_pci_info(sys_dir: Path, rdev: tuple[int, int]) -> PciInfo:
         vendor=_read_text(parent / "vendor"),
         device=_read_text(parent / "device"),
         address=address,
+    )
+
+
+def hpe_problem(config: Config, hpe_dir: Path) -> str | None:
+    """Why mapped mode would hand pods an unusable HPE mount, or None.
+
+    A missing host path is often created empty by the container runtime when
+    it is mounted, so an empty directory counts as missing too.
+    """
+    if config.hpe.mode != "mapped":
+        return None
+    try:
+        empty = not any(hpe_dir.iterdir())
+    except OSError:
+        empty = True
+    if not empty:
+        return None
+    seen_at = "" if str(hpe_dir) == config.hpe.host_path else f" (seen at {hpe_dir})"
+    return (
+        f"hpe.mode is mapped but hpe.hostPath {config.hpe.host_path} is missing or empty on "
+        f"this node{seen_at}: containers would get an empty HPE; install HPE on the node "
+        "or set hpe.mode=unmapped"
     )

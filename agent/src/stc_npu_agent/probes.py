@@ -1,4 +1,5 @@
-"""HTTP probes for the kubelet: /healthz (the loop is alive), /readyz (registered).
+"""HTTP probes for the kubelet: /healthz (the loop is alive), /readyz (registered),
+and /status (the agent's own view as JSON, read by `stc-npu-agent diagnose`).
 
 Served from a thread of its own, so a stuck asyncio loop cannot also stall
 the probe that reports it. Off unless an address is configured.
@@ -6,6 +7,7 @@ the probe that reports it. Off unless an address is configured.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -23,6 +25,8 @@ class ProbeTarget(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+    def status(self) -> dict[str, object]: ...
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -57,6 +61,8 @@ class ProbeServer:
                 elif self.path == "/readyz":
                     ok = target.ready
                     text = "registered and streaming" if ok else "not registered with the kubelet"
+                elif self.path == "/status":
+                    ok, text = True, json.dumps(target.status(), sort_keys=True)
                 else:
                     self.send_error(404)
                     return

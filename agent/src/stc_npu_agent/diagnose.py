@@ -1,0 +1,291 @@
+"""`stc-npu-agent diagnose`: what the agent sees on this node, for an operator.
+
+Reads the same flags and config as the agent (in the pod, the same
+environment), scans the devices with the same code, and asks the sockets in
+the kubelet dir whether they answer. It never opens a ListAndWatch stream on
+the running agent: closing it would look like the kubelet leaving.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from stc_npu_agent import __version__
+from stc_npu_agent.core.allocation import AllocationError, plan_allocation
+from stc_npu_agent.core.config import Config
+from stc_npu_agent.core.devices import Inventory, Naming, PciInfo
+from stc_npu_agent.discovery import DeviceScanner, hpe_problem
+from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
+
+STC_PCI_VENDOR = "0x23e2"
+KUBELET_SOCKET = "kubelet.sock"
+OWN_SOCKET_PREFIX = "stc-npu."
+
+
+@dataclass(frozen=True)
+class Paths:
+    kubelet_dir: Path
+    dev_dir: Path
+    sys_dir: Path
+    hpe_dir: Path  # where this process sees the host's hpe.hostPath
+    probe_address: str | None
+
+
+def _unix_socket_state(path: Path) -> str:
+    """'missing', 'answers' (something accepts connections) or 'refuses' (stale)."""
+    if not path.exists():
+        return "missing"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        return "refuses"
+    finally:
+        probe.close()
+    return "answers"
+
+
+def _plugin_options(path: Path) -> dict[str, bool] | None:
+    try:
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            options = api_pb2_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
+                api_pb2.Empty(), timeout=2.0
+            )
+    except grpc.RpcError:
+        return None
+    return {
+        "preStartRequired": options.pre_start_required,
+        "getPreferredAllocationAvailable": options.get_preferred_allocation_available,
+    }
+
+
+def _agent_status(probe_address: str | None) -> tuple[dict[str, Any] | None, str]:
+    """The running agent's own view from its /status endpoint, and where it came from."""
+    if not probe_address:
+        return None, "no probe address configured (--probe-address)"
+    host, _, port = probe_address.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 (a bind-all address is reached locally)
+        host = "127.0.0.1"
+    url = f"http://{host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as response:
+            status: dict[str, Any] = json.loads(response.read())
+    except (OSError, ValueError) as error:
+        return None, f"the agent's probe at {url} did not answer ({error})"
+    return status, f"from {url}"
+
+
+def _allocation(inventory: Inventory, device_id: str, config: Config) -> dict[str, Any]:
+    try:
+        plan = plan_allocation(inventory, [device_id], config.hpe)
+    except AllocationError as error:
+        return {"error": {"code": error.kind.name, "message": error.message}}
+    return {
+        "devices": [
+            {
+                "hostPath": d.host_path,
+                "containerPath": d.container_path,
+                "permissions": d.permissions,
+            }
+            for d in plan.devices
+        ],
+        "mounts": [
+            {"hostPath": m.host_path, "containerPath": m.container_path, "readOnly": m.read_only}
+            for m in plan.mounts
+        ],
+        "envs": dict(plan.envs),
+    }
+
+
+def _npu_entries(
+    inventory: Inventory, agent_view: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One entry per NPU known to the scan or to the agent, in index order."""
+    entries = []
+    unknown_index = 1 << 30
+    for device_id in sorted(
+        set(inventory.npus) | set(agent_view),
+        key=lambda i: (inventory.npus[i].index if i in inventory.npus else unknown_index, i),
+    ):
+        local = inventory.get(device_id)
+        seen = agent_view.get(device_id)
+        if seen is not None:
+            health, reason, numa = seen["health"], seen["reason"], seen["numaNode"]
+            expected, present = seen["expectedNodes"], set(seen["presentNodes"])
+        elif local is not None:
+            health, reason, numa = local.health, local.reason, local.numa_node
+            expected, present = list(local.expected_nodes), set(local.present_nodes)
+        else:
+            continue
+        pci = local.pci if local is not None else PciInfo()
+        entries.append(
+            {
+                "id": device_id,
+                "health": health,
+                "reason": reason,
+                "source": "agent" if seen is not None else "scan",
+                "nodes": [{"name": name, "present": name in present} for name in expected],
+                "numaNode": numa,
+                "pci": {
+                    "address": pci.address,
+                    "vendor": pci.vendor,
+                    "device": pci.device,
+                    "isStreamComputing": pci.vendor == STC_PCI_VENDOR,
+                },
+            }
+        )
+    return entries
+
+
+def collect(paths: Paths, config: Config, allocate: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything diagnose reports, as plain data (the JSON output)."""
+    naming = Naming(config.discovery.npu_pattern, config.discovery.member_pattern)
+    observations, pci_by_id = DeviceScanner(paths.dev_dir, paths.sys_dir, naming).scan()
+    inventory = Inventory().updated(observations, naming, pci_by_id)
+    problems: list[str] = []
+    if not paths.dev_dir.is_dir():
+        problems.append(f"device dir {paths.dev_dir} does not exist")
+    elif not inventory.npus:
+        problems.append(f"no NPU device nodes in {paths.dev_dir}")
+
+    # The running agent remembers nodes that have vanished; a one-shot scan
+    # cannot, so the agent's view wins where it can be had.
+    status, status_detail = _agent_status(paths.probe_address)
+    npus = _npu_entries(inventory, {npu["id"]: npu for npu in status["npus"]} if status else {})
+    for entry in npus:
+        if entry["health"] != "Healthy":
+            problems.append(f"{entry['id']} is Unhealthy: {entry['reason']}")
+        vendor = entry["pci"]["vendor"]
+        if vendor is not None and vendor != STC_PCI_VENDOR:
+            problems.append(f"{entry['id']}: PCI vendor {vendor} is not {STC_PCI_VENDOR}")
+
+    kubelet_state = _unix_socket_state(paths.kubelet_dir / KUBELET_SOCKET)
+    if kubelet_state != "answers":
+        problems.append(f"{KUBELET_SOCKET} in {paths.kubelet_dir}: {kubelet_state}")
+    own = []
+    if paths.kubelet_dir.is_dir():
+        for path in sorted(paths.kubelet_dir.iterdir()):
+            if path.name.startswith(OWN_SOCKET_PREFIX):
+                state = _unix_socket_state(path)
+                own.append(
+                    {
+                        "name": path.name,
+                        "state": state,
+                        "options": _plugin_options(path) if state == "answers" else None,
+                    }
+                )
+    if not any(sock["state"] == "answers" for sock in own):
+        problems.append(f"no agent socket answers in {paths.kubelet_dir}")
+    registered = bool(status["ready"]) if status else None
+    if registered is False:
+        problems.append("the agent is not registered with the kubelet (or has no stream)")
+
+    hpe = hpe_problem(config, paths.hpe_dir)
+    if hpe:
+        problems.append(hpe)
+
+    return {
+        "version": __version__,
+        "config": config.to_mapping(),
+        "paths": {
+            "kubeletDir": str(paths.kubelet_dir),
+            "devDir": str(paths.dev_dir),
+            "sysDir": str(paths.sys_dir),
+            "hpeDir": str(paths.hpe_dir),
+        },
+        "npus": npus,
+        "kubelet": {
+            "socket": kubelet_state,
+            # Kubelets 1.18-1.25 write this file on every start; 1.26+ do not.
+            "deprecationFile": (paths.kubelet_dir / "DEPRECATION").exists(),
+        },
+        "agent": {
+            "sockets": own,
+            "registered": registered,
+            "registeredDetail": status_detail,
+        },
+        "hpe": {"mode": config.hpe.mode, "hostPath": config.hpe.host_path, "problem": hpe},
+        "allocate": {
+            device_id: _allocation(inventory, device_id, config) for device_id in allocate
+        },
+        "problems": problems,
+    }
+
+
+def render_text(report: dict[str, Any]) -> str:
+    lines = [f"stc-npu-agent {report['version']} diagnose", ""]
+    paths = report["paths"]
+    lines.append(
+        f"paths: kubelet {paths['kubeletDir']}, devices {paths['devDir']}, sysfs {paths['sysDir']}"
+    )
+    config = report["config"]
+    hpe = report["hpe"]
+    lines.append(
+        f"resource {config['resourceName']}, HPE {hpe['mode']} "
+        f"({config['hpe']['hostPath']} -> {config['hpe']['containerPath']})"
+    )
+    lines += ["", f"NPUs ({len(report['npus'])}):"]
+    for npu in report["npus"]:
+        numa = "none" if npu["numaNode"] is None else npu["numaNode"]
+        pci = npu["pci"]
+        lines.append(
+            f"  {npu['id']:<6} {npu['health']:<9} NUMA {numa}  PCI {pci['address'] or '?'} "
+            f"vendor {pci['vendor'] or '?'} device {pci['device'] or '?'}"
+        )
+        nodes = " ".join(n["name"] if n["present"] else f"!{n['name']}" for n in npu["nodes"])
+        lines.append(f"         nodes: {nodes}")
+        if npu["reason"]:
+            lines.append(f"         why: {npu['reason']}")
+    kubelet = report["kubelet"]
+    generation = (
+        "1.18-1.25 (DEPRECATION file)" if kubelet["deprecationFile"] else "1.26+ or unknown"
+    )
+    lines += ["", f"kubelet.sock: {kubelet['socket']}; kubelet generation: {generation}"]
+    agent = report["agent"]
+    for sock in agent["sockets"]:
+        lines.append(f"agent socket {sock['name']}: {sock['state']}")
+    if not agent["sockets"]:
+        lines.append("agent socket: none")
+    registered = {True: "yes", False: "no", None: "unknown"}[agent["registered"]]
+    lines.append(f"registered: {registered} ({agent['registeredDetail']})")
+    for device_id, answer in report["allocate"].items():
+        lines += ["", f"Allocate [{device_id}] would answer:"]
+        if "error" in answer:
+            lines.append(f"  error {answer['error']['code']}: {answer['error']['message']}")
+            continue
+        for device in answer["devices"]:
+            host, container = device["hostPath"], device["containerPath"]
+            lines.append(f"  device {host} -> {container} ({device['permissions']})")
+        for mount in answer["mounts"]:
+            mode = "read-only" if mount["readOnly"] else "read-write"
+            lines.append(f"  mount  {mount['hostPath']} -> {mount['containerPath']} ({mode})")
+        for key, value in sorted(answer["envs"].items()):
+            lines.append(f"  env    {key}={value}")
+    lines.append("")
+    if report["problems"]:
+        lines.append(f"problems ({len(report['problems'])}):")
+        lines += [f"  - {problem}" for problem in report["problems"]]
+    else:
+        lines.append("no problems found")
+    return "\n".join(lines) + "\n"
+
+
+def run_diagnose(paths: Paths, config: Config, allocate: Sequence[str], as_json: bool) -> int:
+    """Print the report; exit 0 when nothing is wrong, 1 when problems were found."""
+    report = collect(paths, config, allocate)
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(render_text(report), end="")
+    return 1 if report["problems"] else 0

@@ -1,0 +1,143 @@
+"""`stc-npu-agent diagnose` on the simulated node, next to the running agent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from stc_npu_agent.testing.kubelet import KubeletEmulator
+from stc_npu_agent.testing.simnode import SimNode
+
+from .conftest import RESOURCE, AgentFactory
+
+
+def diagnose(
+    node: SimNode, kubelet_dir: Path, *args: str, hpe_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable, "-m", "stc_npu_agent", "diagnose",
+        "--kubelet-dir", str(kubelet_dir),
+        "--dev-dir", str(node.dev_dir),
+        "--sys-dir", str(node.sys_dir),
+        *(["--hpe-dir", str(hpe_dir)] if hpe_dir else []),
+        *args,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+
+def hpe_install(tmp_path: Path) -> Path:
+    hpe = tmp_path / "hpe"
+    (hpe / "lib").mkdir(parents=True)
+    return hpe
+
+
+def test_healthy_node_reports_no_problems(  # noqa: PLR0917 (pytest fixtures)
+    tmp_path: Path,
+    node: SimNode,
+    kubelet: KubeletEmulator,
+    kubelet_dir: Path,
+    start_agent: AgentFactory,
+    unused_tcp_port: int,
+) -> None:
+    probe = f"127.0.0.1:{unused_tcp_port}"
+    start_agent(extra_args=["--probe-address", probe])
+    kubelet.wait_registered(RESOURCE)
+    kubelet.wait_until(lambda: kubelet.stream_open(RESOURCE), what="stream open")
+    result = diagnose(
+        node, kubelet_dir, "--json", "--probe-address", probe, hpe_dir=hpe_install(tmp_path)
+    )
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert report["problems"] == []
+    assert result.returncode == 0
+    assert [npu["id"] for npu in report["npus"]] == ["stc0", "stc1", "stc2", "stc3"]
+    first = report["npus"][0]
+    assert first["health"] == "Healthy"
+    assert first["numaNode"] == 0
+    assert first["pci"]["vendor"] == "0x23e2"
+    assert first["pci"]["isStreamComputing"] is True
+    assert [n["name"] for n in first["nodes"]][-1] == "stc0ctrl"
+    assert report["kubelet"]["socket"] == "answers"
+    assert report["agent"]["registered"] is True
+    sockets = report["agent"]["sockets"]
+    assert len(sockets) == 1
+    assert sockets[0]["state"] == "answers"
+    assert sockets[0]["options"]["getPreferredAllocationAvailable"] is True
+    # Diagnose must not disturb the agent: still one registration, stream open.
+    assert len(kubelet.registrations) == 1
+    assert kubelet.stream_open(RESOURCE)
+
+
+def test_text_output_explains_an_unhealthy_npu_and_allocate(
+    tmp_path: Path, node: SimNode, kubelet: KubeletEmulator, kubelet_dir: Path
+) -> None:
+    node.replace_with_regular_file("stc1c3")
+    result = diagnose(
+        node, kubelet_dir, "--allocate", "stc0", "--allocate", "stc1", hpe_dir=hpe_install(tmp_path)
+    )
+    out = result.stdout
+    assert result.returncode == 1
+    assert "stc1   Unhealthy" in out
+    assert "why: not a character device: stc1c3" in out
+    assert "!stc1c3" in out
+    assert "Allocate [stc0] would answer:" in out
+    assert "  device /dev/stc0ctrl -> /dev/stc0ctrl (rw)" in out
+    assert "  env    STC_NPU_DEVICES=stc0" in out
+    assert "error FAILED_PRECONDITION: unhealthy device IDs: stc1: not a character device" in out
+    assert "- no agent socket answers" in out
+    assert "registered: unknown (no probe address configured" in out
+
+
+def test_the_agents_view_shows_vanished_npus(  # noqa: PLR0917 (pytest fixtures)
+    tmp_path: Path,
+    node: SimNode,
+    kubelet: KubeletEmulator,
+    kubelet_dir: Path,
+    start_agent: AgentFactory,
+    unused_tcp_port: int,
+) -> None:
+    probe = f"127.0.0.1:{unused_tcp_port}"
+    start_agent(extra_args=["--probe-address", probe])
+    kubelet.wait_registered(RESOURCE)
+    node.unplug(3)
+    kubelet.wait_until(lambda: not kubelet.devices(RESOURCE)["stc3"].healthy, what="stc3 down")
+    report = json.loads(diagnose(node, kubelet_dir, "--json", "--probe-address", probe).stdout)
+    stc3 = next(npu for npu in report["npus"] if npu["id"] == "stc3")
+    assert stc3["source"] == "agent"
+    assert stc3["health"] == "Unhealthy"
+    assert "missing stc3" in stc3["reason"]
+    assert not any(n["present"] for n in stc3["nodes"])
+    assert any(problem.startswith("stc3 is Unhealthy") for problem in report["problems"])
+
+
+def test_missing_hpe_in_mapped_mode_is_a_problem(
+    tmp_path: Path, node: SimNode, kubelet_dir: Path
+) -> None:
+    empty = tmp_path / "empty-hpe"
+    empty.mkdir()
+    report = json.loads(diagnose(node, kubelet_dir, "--json", hpe_dir=empty).stdout)
+    assert "is missing or empty on this node" in report["hpe"]["problem"]
+    assert report["hpe"]["problem"] in report["problems"]
+
+
+def test_stale_kubelet_socket_and_missing_dev_dir(
+    tmp_path: Path, node: SimNode, kubelet_dir: Path
+) -> None:
+    with KubeletEmulator(kubelet_dir, version="1.25") as kubelet:
+        kubelet.stop(crash=True)
+    missing = SimNode(tmp_path / "other")
+    missing.dev_dir.rmdir()
+    report = json.loads(diagnose(missing, kubelet_dir, "--json").stdout)
+    assert report["kubelet"]["socket"] == "refuses"
+    assert report["kubelet"]["deprecationFile"] is True
+    assert f"device dir {missing.dev_dir} does not exist" in report["problems"]
+
+
+def test_bad_config_is_exit_2(tmp_path: Path, node: SimNode, kubelet_dir: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("hpe:\n  mode: maped\n")
+    result = diagnose(node, kubelet_dir, "--config", str(config))
+    assert result.returncode == 2
+    assert "hpe.mode: expected one of mapped, unmapped, got 'maped'" in result.stderr
