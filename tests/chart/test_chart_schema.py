@@ -1,0 +1,183 @@
+"""Values that the chart refuses, with a message naming the key: the schema
+(values.schema.json) for shapes, templates/validate.yaml for combinations;
+and ci/chart_values.py, which keeps values.yaml, the schema and the README
+table from drifting apart."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.chart.chartkit import CHART, REPO, render_error, run_helm
+
+# (--set arguments, a regex the error must match: it names the key). helm 3
+# says "hpe.mode: ...", helm 4 "at '/hpe/mode': ...", hence [./].
+SCHEMA_ERRORS = [
+    (["hpe.mode=bogus"], r"hpe[./]mode"),
+    (["hpe.modee=mapped"], r"modee"),
+    (["resourceNme=example.com/npu"], r"resourceNme"),
+    (["resourceName=npu"], r"resourceName"),
+    (["logLevel=verbose"], r"logLevel"),
+    (["logFormat=xml"], r"logFormat"),
+    (["kubeletDir=var/lib/kubelet/device-plugins"], r"kubeletDir"),
+    (["kubeletDir=/var/lib/kubelet/device-plugins/"], r"kubeletDir"),
+    (["devDir=/"], r"devDir"),
+    (["hpe.hostPath=usr/local/hpe"], r"hpe[./]hostPath"),
+    (["image.digest=sha256:abc"], r"image[./]digest"),
+    (["image.pullPolicy=Sometimes"], r"image[./]pullPolicy"),
+    (["image.tagg=1.0"], r"tagg"),
+    (["probes.port=70000"], r"probes[./]port"),
+    (["tolerations[0].efect=NoSchedule"], r"efect"),
+    (["updateStrategy.type=Recreate"], r"updateStrategy[./]type"),
+    (["updateStrategy.rollingUpdate.maxSurge=1"], r"maxSurge"),
+    (["discovery.npuPattern=stc[0-9]+"], r"discovery[./]npuPattern"),
+    (["namespaceOverride=Bad_Namespace"], r"namespaceOverride"),
+    (["extraEnv.1BAD=x"], r"1BAD"),
+    (["podLabels.team=null", "podLabels.size=3"], r"podLabels[./]size"),
+    (["test.enabled=maybe"], r"test[./]enabled"),
+    (["test.image.tagg=1"], r"tagg"),
+    (["affinity.nodeAffinty.x=y"], r"nodeAffinty"),
+    (["resources.request.cpu=1"], r"request"),
+]
+
+# templates/validate.yaml: combinations the schema cannot express.
+TEMPLATE_ERRORS = [
+    (["extraEnv.STC_NPU_KUBELET_DIR=/x"], r"extraEnv\.STC_NPU_KUBELET_DIR: .*set kubeletDir"),
+    (["extraEnv.STC_NPU_LOG_LEVEL=debug"], r"extraEnv\.STC_NPU_LOG_LEVEL: .*set logLevel"),
+    (["podLabels.app\\.kubernetes\\.io/instance=x"], r"podLabels\.app\.kubernetes\.io/instance"),
+    (["podLabels.helm\\.sh/chart=x"], r"podLabels\.helm\.sh/chart"),
+    (["podAnnotations.checksum/config=x"], r"podAnnotations\.checksum/config"),
+    (["resourceName=kubernetes.io/npu"], r"resourceName: .*kubernetes\.io domain is reserved"),
+    (["resourceName=npu.kubernetes.io/x"], r"resourceName: .*kubernetes\.io domain is reserved"),
+    (["resourceName=requests.example.com/npu"], r"resourceName: .*requests\."),
+    (["probes.port=9836"], r"probes\.port: 9836 is the vendor's npu-exporter port"),
+]
+
+
+def _ids(cases: list[tuple[list[str], str]]) -> list[str]:
+    return [",".join(sets) for sets, _ in cases]
+
+
+@pytest.mark.parametrize(("sets", "names"), SCHEMA_ERRORS, ids=_ids(SCHEMA_ERRORS))
+def test_schema_refuses(helm: str, sets: list[str], names: str) -> None:
+    error = render_error(helm, sets)
+    assert "values don't meet the specifications of the schema" in error
+    assert re.search(names, error), error
+
+
+@pytest.mark.parametrize(("sets", "message"), TEMPLATE_ERRORS, ids=_ids(TEMPLATE_ERRORS))
+def test_validation_template_refuses(helm: str, sets: list[str], message: str) -> None:
+    error = render_error(helm, sets)
+    assert "stc-npu: invalid values:" in error
+    assert re.search(message, error), error
+
+
+def test_validation_template_lists_every_problem_at_once(helm: str) -> None:
+    error = render_error(
+        helm, ["probes.port=9836", "resourceName=kubernetes.io/npu", "extraEnv.STC_NPU_CONFIG=/x"]
+    )
+    assert len(re.findall(r"^  - ", error, re.MULTILINE)) == 3, error
+
+
+def test_install_refuses_too(helm: str) -> None:
+    # Install and upgrade validate the same way as template; install can be
+    # shown without a cluster only by helm 4 (helm 3 needs one for --dry-run).
+    if helm == "helm3":
+        result = run_helm(helm, ["lint", str(CHART), "--set", "hpe.mode=bogus"])
+    else:
+        result = run_helm(
+            helm,
+            ["install", "stc-npu", str(CHART), "--dry-run=client", "--set", "hpe.mode=bogus"],
+        )
+    assert result.returncode != 0
+    assert re.search(r"hpe[./]mode", result.stdout + result.stderr)
+
+
+def test_set_null_on_a_required_key_is_refused(helm: str) -> None:
+    error = render_error(helm, ["image.tag=null"])
+    assert re.search(r"tag", error), error
+
+
+# --- values.yaml / values.schema.json / README.md drift ----------------------
+
+
+def _check(chart: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "ci" / "chart_values.py"), "--chart", str(chart)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_values_schema_and_readme_agree() -> None:
+    result = _check(CHART)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def chart_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "stc-npu"
+    shutil.copytree(CHART, copy)
+    return copy
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def test_drift_a_key_missing_from_the_schema(chart_copy: Path) -> None:
+    _edit(
+        chart_copy / "values.yaml",
+        "logFormat: text\n",
+        "logFormat: text\n\n# extra is new.\nextra: 1\n",
+    )
+    result = _check(chart_copy)
+    assert result.returncode == 1
+    assert "values.yaml: extra is not in values.schema.json" in result.stderr
+
+
+def test_drift_a_schema_property_without_default(chart_copy: Path) -> None:
+    _edit(chart_copy / "values.yaml", "  hostPath: /usr/local/hpe\n", "")
+    result = _check(chart_copy)
+    assert result.returncode == 1
+    assert "values.schema.json: hpe.hostPath has no default in values.yaml" in result.stderr
+
+
+def test_drift_an_undocumented_value(chart_copy: Path) -> None:
+    _edit(chart_copy / "values.yaml", "# devDir is the host directory", "# The host directory")
+    result = _check(chart_copy)
+    assert result.returncode == 1
+    assert "the comment of devDir must start with its name" in result.stderr
+
+
+def test_drift_a_changed_comment_needs_a_regenerated_readme(chart_copy: Path) -> None:
+    _edit(chart_copy / "values.yaml", "# logLevel is the agent's", "# logLevel is now the agent's")
+    result = _check(chart_copy)
+    assert result.returncode == 1
+    assert "README.md is out of date" in result.stderr
+    assert "values.schema.json is out of date" in result.stderr
+    write = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "ci" / "chart_values.py"),
+            "--chart",
+            str(chart_copy),
+            "--write",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert "wrote" in write.stdout
+    assert _check(chart_copy).returncode == 0
+    assert "logLevel is now the agent's" in (chart_copy / "README.md").read_text(encoding="utf-8")

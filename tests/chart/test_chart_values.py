@@ -1,0 +1,425 @@
+"""What each value changes in the rendered objects, and that it changes only that.
+
+Every case renders the chart with one value changed and compares all leaves
+of all objects with the default render: the set of changed leaves must be
+exactly the expected one. A template that leaks a value somewhere else, or
+ignores it, fails here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.chart.chartkit import (
+    CHART,
+    MISSING,
+    Render,
+    agent_container,
+    changes,
+    render,
+)
+
+ANY = object()  # any new value, including removal
+DS = "DaemonSet:spec.template.spec"
+C = f"{DS}.containers.0"
+CONFIG = "ConfigMap:data.config.yaml"
+CHECKSUM = "DaemonSet:spec.template.metadata.annotations.checksum/config"
+TEST = "Pod:spec.containers.0"
+DIGEST = "sha256:" + "ab" * 32
+
+
+@dataclass(frozen=True)
+class Case:
+    covers: str  # the value's dotted path
+    values: dict[str, Any]
+    # leaf path -> new value; a key ending in ".*" (or ":*") matches every
+    # changed leaf under that prefix, with ANY or the value they all must have
+    expected: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.covers}={json.dumps(self.values, separators=(',', ':'))}"[:80]
+
+
+def _config(extra: dict[str, object] | None = None) -> dict[str, object]:
+    return {CONFIG: ANY, CHECKSUM: ANY, **(extra or {})}
+
+
+CASES = [
+    Case(
+        "resourceName",
+        {"resourceName": "example.com/npu"},
+        _config(
+            {
+                f"{TEST}.resources.limits.streamcomputing.com/npu": MISSING,
+                f"{TEST}.resources.limits.example.com/npu": 1,
+            }
+        ),
+    ),
+    Case("hpe.mode", {"hpe": {"mode": "unmapped"}}, _config({f"{TEST}.env.0.value": "unmapped"})),
+    Case("hpe.hostPath", {"hpe": {"hostPath": "/opt/hpe"}}, _config()),
+    Case(
+        "hpe.containerPath",
+        {"hpe": {"containerPath": "/opt/hpe"}},
+        _config({f"{TEST}.env.1.value": "/opt/hpe"}),
+    ),
+    Case("discovery.npuPattern", {"discovery": {"npuPattern": "npu(?P<index>[0-9]+)"}}, _config()),
+    Case(
+        "discovery.memberPattern",
+        {"discovery": {"memberPattern": "stc(?P<index>[0-9]+)c[0-9]+"}},
+        _config(),
+    ),
+    Case(
+        "image.repository",
+        {"image": {"repository": "registry.example.com/stc-npu-agent"}},
+        {f"{C}.image": "registry.example.com/stc-npu-agent:0.1.0"},
+    ),
+    Case(
+        "image.tag",
+        {"image": {"tag": "0.2.0"}},
+        {f"{C}.image": "ghcr.io/stc-npu/stc-npu-agent:0.2.0"},
+    ),
+    Case(
+        "image.digest",
+        {"image": {"tag": "0.2.0", "digest": DIGEST}},
+        {f"{C}.image": f"ghcr.io/stc-npu/stc-npu-agent@{DIGEST}"},
+    ),
+    Case(
+        "image.pullPolicy", {"image": {"pullPolicy": "Always"}}, {f"{C}.imagePullPolicy": "Always"}
+    ),
+    Case(
+        "imagePullSecrets",
+        {"imagePullSecrets": [{"name": "regcred"}]},
+        {f"{DS}.imagePullSecrets.0.name": "regcred", "Pod:spec.imagePullSecrets.0.name": "regcred"},
+    ),
+    Case(
+        "kubeletDir",
+        {"kubeletDir": "/var/lib/k0s/kubelet/device-plugins"},
+        {
+            f"{C}.args.0": "--kubelet-dir=/var/lib/k0s/kubelet/device-plugins",
+            f"{C}.volumeMounts.0.mountPath": "/var/lib/k0s/kubelet/device-plugins",
+            f"{DS}.volumes.0.hostPath.path": "/var/lib/k0s/kubelet/device-plugins",
+        },
+    ),
+    Case(
+        "devDir", {"devDir": "/host-root/dev"}, {f"{DS}.volumes.1.hostPath.path": "/host-root/dev"}
+    ),
+    Case("logLevel", {"logLevel": "debug"}, {f"{C}.args.3": "--log-level=debug"}),
+    Case("logFormat", {"logFormat": "json"}, {f"{C}.args.4": "--log-format=json"}),
+    Case(
+        "probes.port",
+        {"probes": {"port": 9101}},
+        {f"{C}.args.5": "--probe-address=0.0.0.0:9101", f"{C}.ports.0.containerPort": 9101},
+    ),
+    Case(
+        "nodeSelector",
+        {"nodeSelector": {"example.com/npu": "yes"}},
+        {f"{DS}.nodeSelector.example.com/npu": "yes"},
+    ),
+    Case("affinity", {"affinity": None}, {f"{DS}.affinity.*": MISSING}),
+    Case(
+        "affinity",
+        {
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "example.com/npu", "operator": "Exists"}]}
+                        ]
+                    }
+                }
+            }
+        },
+        {f"{DS}.affinity.*": ANY},
+    ),
+    Case(
+        "tolerations",
+        {"tolerations": [{"key": "example.com/npu", "operator": "Exists"}]},
+        {
+            f"{DS}.tolerations.0.key": "example.com/npu",
+            f"{DS}.tolerations.1.*": MISSING,
+        },
+    ),
+    Case(
+        "priorityClassName",
+        {"priorityClassName": "npu-critical"},
+        {f"{DS}.priorityClassName": "npu-critical"},
+    ),
+    Case("priorityClassName", {"priorityClassName": ""}, {f"{DS}.priorityClassName": MISSING}),
+    Case(
+        "updateStrategy.type",
+        {"updateStrategy": {"type": "OnDelete"}},
+        {
+            "DaemonSet:spec.updateStrategy.type": "OnDelete",
+            "DaemonSet:spec.updateStrategy.rollingUpdate.maxUnavailable": MISSING,
+        },
+    ),
+    Case(
+        "updateStrategy.rollingUpdate.maxUnavailable",
+        {"updateStrategy": {"rollingUpdate": {"maxUnavailable": "25%"}}},
+        {"DaemonSet:spec.updateStrategy.rollingUpdate.maxUnavailable": "25%"},
+    ),
+    Case(
+        "updateStrategy.rollingUpdate",
+        {"updateStrategy": {"rollingUpdate": None}},
+        {"DaemonSet:spec.updateStrategy.rollingUpdate.maxUnavailable": MISSING},
+    ),
+    Case(
+        "resources",
+        {"resources": {"requests": {"cpu": "50m"}, "limits": {"cpu": "1"}}},
+        {f"{C}.resources.requests.cpu": "50m", f"{C}.resources.limits.cpu": "1"},
+    ),
+    Case(
+        "podAnnotations",
+        {"podAnnotations": {"example.com/owner": "platform"}},
+        {"DaemonSet:spec.template.metadata.annotations.example.com/owner": "platform"},
+    ),
+    Case(
+        "podLabels",
+        {"podLabels": {"example.com/team": "platform"}},
+        {"DaemonSet:spec.template.metadata.labels.example.com/team": "platform"},
+    ),
+    Case(
+        "extraEnv",
+        {
+            "extraEnv": {
+                "NODE_NAME": {"valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                "GRPC_VERBOSITY": "error",
+            }
+        },
+        {
+            f"{C}.env.0.name": "GRPC_VERBOSITY",
+            f"{C}.env.0.value": "error",
+            f"{C}.env.1.name": "NODE_NAME",
+            f"{C}.env.1.valueFrom.fieldRef.fieldPath": "spec.nodeName",
+        },
+    ),
+    Case(
+        "namespaceOverride",
+        {"namespaceOverride": "stc-npu-system"},
+        {
+            f"{kind}:metadata.namespace": "stc-npu-system"
+            for kind in ("ServiceAccount", "ConfigMap", "DaemonSet", "Pod")
+        },
+    ),
+    Case("test.enabled", {"test": {"enabled": False}}, {"Pod:*": MISSING}),
+    Case(
+        "test.image.repository",
+        {"test": {"image": {"repository": "registry.example.com/busybox"}}},
+        {f"{TEST}.image": "registry.example.com/busybox:1.37.0"},
+    ),
+    Case(
+        "test.image.tag",
+        {"test": {"image": {"tag": "1.36.1"}}},
+        {f"{TEST}.image": "docker.io/library/busybox:1.36.1"},
+    ),
+    Case(
+        "test.image.digest",
+        {"test": {"image": {"digest": DIGEST}}},
+        {f"{TEST}.image": f"docker.io/library/busybox@{DIGEST}"},
+    ),
+    Case(
+        "test.image.pullPolicy",
+        {"test": {"image": {"pullPolicy": "Never"}}},
+        {f"{TEST}.imagePullPolicy": "Never"},
+    ),
+    Case(
+        "test.tolerations",
+        {"test": {"tolerations": [{"key": "example.com/npu", "operator": "Exists"}]}},
+        {"Pod:spec.tolerations.0.key": "example.com/npu", "Pod:spec.tolerations.0.effect": MISSING},
+    ),
+]
+
+
+def _values_file(tmp_path_factory: pytest.TempPathFactory, case: Case) -> Path:
+    path = tmp_path_factory.mktemp("values") / "values.yaml"
+    path.write_text(yaml.safe_dump(case.values), encoding="utf-8")
+    return path
+
+
+def _matches(expected: dict[str, object], changed: dict[str, object]) -> list[str]:
+    problems = []
+    prefixes = {key[:-1]: value for key, value in expected.items() if key.endswith("*")}
+    exact = {key: value for key, value in expected.items() if not key.endswith("*")}
+    for path, value in changed.items():
+        prefix = next((p for p in prefixes if path.startswith(p)), None)
+        want = prefixes[prefix] if prefix is not None else exact.get(path, "<unexpected change>")
+        if prefix is None and path not in exact:
+            problems.append(f"unexpected change: {path} -> {value!r}")
+        elif want is not ANY and value != want:
+            problems.append(f"{path}: got {value!r}, expected {want!r}")
+    for path in exact.keys() - changed.keys():
+        problems.append(f"expected a change at {path}, none rendered")
+    for prefix in prefixes:
+        if not any(path.startswith(prefix) for path in changed):
+            problems.append(f"expected changes under {prefix}, none rendered")
+    return problems
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_value_changes_exactly_what_it_should(
+    case: Case, helm: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    changed = changes(render(helm), render(helm, [_values_file(tmp_path_factory, case)]))
+    problems = _matches(case.expected, changed)
+    assert not problems, "\n".join(problems)
+
+
+def _leaf_values(schema: dict[str, Any], node: dict[str, Any], prefix: str) -> list[str]:
+    """Dotted paths of the values the chart documents one by one (see ci/chart_values.py)."""
+    paths = []
+    for key, declared in node["properties"].items():
+        child = declared
+        if "$ref" in declared:
+            child = schema["definitions"][declared["$ref"].rsplit("/", 1)[1]]
+        path = f"{prefix}{key}"
+        kubernetes = str(child.get("$comment", "")).startswith("Kubernetes")
+        if "properties" in child and not kubernetes:
+            paths += _leaf_values(schema, child, f"{path}.")
+        else:
+            paths.append(path)
+    return paths
+
+
+def test_every_value_has_a_case() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    leaves = set(_leaf_values(schema, schema, ""))
+    covered = {case.covers for case in CASES}
+    assert leaves - covered == set(), "values without a test case"
+
+
+def test_the_case_checker_can_fail() -> None:
+    assert _matches({"a": 1}, {"a": 1}) == []
+    assert _matches({"a": 1}, {"a": 1, "b": 2})  # leak
+    assert _matches({"a": 1}, {})  # ignored value
+    assert _matches({"a": 1}, {"a": 2})  # wrong value
+    assert _matches({"p.*": MISSING}, {"p.x": 1})
+
+
+# --- defaults that matter on their own -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default() -> Render:
+    return render()
+
+
+def test_objects_rendered(default: Render) -> None:
+    assert default.kinds() == ["ServiceAccount", "ConfigMap", "DaemonSet", "Pod"]
+    assert {doc["metadata"]["name"] for doc in default.docs[:3]} == {"stc-npu"}
+    assert all(doc["metadata"]["namespace"] == "kube-system" for doc in default.docs)
+
+
+def test_security_defaults(default: Render) -> None:
+    pod = default.kind("DaemonSet")["spec"]["template"]["spec"]
+    container = agent_container(default)
+    assert container["securityContext"] == {
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsUser": 0,
+        "runAsGroup": 0,
+        "runAsNonRoot": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert pod["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["automountServiceAccountToken"] is False
+    assert default.kind("ServiceAccount")["automountServiceAccountToken"] is False
+    for host_namespace in ("hostNetwork", "hostPID", "hostIPC"):
+        assert host_namespace not in pod
+    assert pod["priorityClassName"] == "system-node-critical"
+    rendered_kinds = set(default.kinds())
+    assert not rendered_kinds & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+
+
+def test_only_the_kubelet_dir_is_writable(default: Render) -> None:
+    pod = default.kind("DaemonSet")["spec"]["template"]["spec"]
+    mounts = {mount["name"]: mount for mount in agent_container(default)["volumeMounts"]}
+    writable = {name for name, mount in mounts.items() if not mount.get("readOnly", False)}
+    assert writable == {"kubelet-device-plugins"}
+    assert all("mountPropagation" not in mount for mount in mounts.values())
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["host-dev"]["hostPath"] == {"path": "/dev", "type": "Directory"}
+    assert mounts["host-dev"]["mountPath"] == "/host/dev"  # never over the container's /dev
+    host_paths = {name for name, volume in volumes.items() if "hostPath" in volume}
+    assert host_paths == {"kubelet-device-plugins", "host-dev"}
+
+
+def test_agent_args_point_at_the_mounts(default: Render) -> None:
+    container = agent_container(default)
+    args = dict(arg.removeprefix("--").split("=", 1) for arg in container["args"])
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    assert args["kubelet-dir"] == mounts["kubelet-device-plugins"]
+    assert args["dev-dir"] == mounts["host-dev"]
+    assert args["config"] == mounts["config"] + "/config.yaml"
+    assert "config.yaml" in default.kind("ConfigMap")["data"]
+    assert args["probe-address"] == "0.0.0.0:8081"
+
+
+def test_probes_tell_liveness_and_readiness_apart(default: Render) -> None:
+    container = agent_container(default)
+    (port,) = container["ports"]
+    assert port == {"name": "probes", "containerPort": 8081, "protocol": "TCP"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "probes"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "probes"}
+
+
+def test_checksum_is_the_hash_of_the_config_file(default: Render) -> None:
+    config = default.kind("ConfigMap")["data"]["config.yaml"]
+    annotations = default.kind("DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+    expected = hashlib.sha256(config.rstrip("\n").encode()).hexdigest()
+    assert annotations == {"checksum/config": expected}
+
+
+def test_default_resources(default: Render) -> None:
+    assert agent_container(default)["resources"] == {
+        "requests": {"cpu": "10m", "memory": "64Mi"},
+        "limits": {"memory": "128Mi"},
+    }
+
+
+def test_default_placement(default: Render) -> None:
+    pod = default.kind("DaemonSet")["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    keys = [term["matchExpressions"][0]["key"] for term in terms["nodeSelectorTerms"]]
+    assert keys == [
+        "feature.node.kubernetes.io/pci-1200_23e2.present",
+        "streamcomputing.com/npu.present",
+    ]
+    assert pod["tolerations"] == [
+        {"key": "CriticalAddonsOnly", "operator": "Exists"},
+        {"key": "streamcomputing.com/npu", "operator": "Exists", "effect": "NoSchedule"},
+    ]
+
+
+def test_test_pod_requests_one_npu_and_is_restricted(default: Render) -> None:
+    pod = default.kind("Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    assert container["resources"]["limits"]["streamcomputing.com/npu"] == 1
+    # "restricted" Pod Security Standard
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "volumes" not in spec
+    assert "hostNetwork" not in spec
+    script = container["args"][0]
+    assert "STC_NPU_DEVICES" in script
+    assert '[ ! -c "/dev/$id" ]' in script
+
+
+def test_test_pod_is_not_selected_by_the_daemonset(default: Render) -> None:
+    # A pod matching the selector would be adopted (and deleted) by the DaemonSet.
+    selector = default.kind("DaemonSet")["spec"]["selector"]["matchLabels"]
+    labels = default.kind("Pod")["metadata"]["labels"]
+    assert not all(labels.get(key) == value for key, value in selector.items())
