@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stc_npu_agent.cli import FLAGS
+from stc_npu_agent.cli import FLAGS, build_parser
 from stc_npu_agent.core.config import ConfigError
 from stc_npu_agent.settings import load_config
 from tests.chart.chartkit import CHART, SCENARIOS, agent_container, render
@@ -75,6 +75,18 @@ def test_chart_passes_only_flags_the_agent_has() -> None:
         "log-format",
         "probe-address",
     }
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_agent_parses_the_rendered_args(scenario: Path) -> None:
+    # The agent's own parser: an unknown flag or a bad choice exits here.
+    args = agent_container(render(values_files=[scenario]))["args"]
+    parsed = build_parser().parse_args(args)
+    assert parsed.command is None  # runs the agent, not a subcommand
+    values = _values(scenario)
+    assert parsed.kubelet_dir == values["kubeletDir"]
+    assert parsed.log_level == values["logLevel"]
+    assert parsed.log_format == values["logFormat"]
 
 
 def test_reserved_env_names_are_the_agent_flags_the_chart_sets() -> None:

@@ -63,8 +63,23 @@ CASES = [
             }
         ),
     ),
-    Case("hpe.mode", {"hpe": {"mode": "unmapped"}}, _config({f"{TEST}.env.0.value": "unmapped"})),
-    Case("hpe.hostPath", {"hpe": {"hostPath": "/opt/hpe"}}, _config()),
+    Case(
+        "hpe.mode",
+        {"hpe": {"mode": "unmapped"}},
+        _config(
+            {
+                f"{TEST}.env.0.value": "unmapped",
+                f"{C}.args.6": MISSING,  # --hpe-dir
+                f"{C}.volumeMounts.3.*": MISSING,  # host-hpe
+                f"{DS}.volumes.3.*": MISSING,
+            }
+        ),
+    ),
+    Case(
+        "hpe.hostPath",
+        {"hpe": {"hostPath": "/opt/hpe"}},
+        _config({f"{DS}.volumes.3.hostPath.path": "/opt/hpe"}),
+    ),
     Case(
         "hpe.containerPath",
         {"hpe": {"containerPath": "/opt/hpe"}},
@@ -350,7 +365,9 @@ def test_only_the_kubelet_dir_is_writable(default: Render) -> None:
     assert volumes["host-dev"]["hostPath"] == {"path": "/dev", "type": "Directory"}
     assert mounts["host-dev"]["mountPath"] == "/host/dev"  # never over the container's /dev
     host_paths = {name for name, volume in volumes.items() if "hostPath" in volume}
-    assert host_paths == {"kubelet-device-plugins", "host-dev"}
+    assert host_paths == {"kubelet-device-plugins", "host-dev", "host-hpe"}
+    assert volumes["host-hpe"]["hostPath"] == {"path": "/usr/local/hpe"}
+    assert mounts["host-hpe"]["mountPath"] == "/host/hpe"
 
 
 def test_agent_args_point_at_the_mounts(default: Render) -> None:
@@ -362,6 +379,7 @@ def test_agent_args_point_at_the_mounts(default: Render) -> None:
     assert args["config"] == mounts["config"] + "/config.yaml"
     assert "config.yaml" in default.kind("ConfigMap")["data"]
     assert args["probe-address"] == "0.0.0.0:8081"
+    assert args["hpe-dir"] == mounts["host-hpe"]
 
 
 def test_probes_tell_liveness_and_readiness_apart(default: Render) -> None:

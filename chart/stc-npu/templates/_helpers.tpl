@@ -58,6 +58,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 /host/dev
 {{- end -}}
 
+{{/* Where the host's hpe.hostPath appears inside the agent container (mapped mode). */}}
+{{- define "stc-npu.hostHpeMount" -}}
+/host/hpe
+{{- end -}}
+
 {{- define "stc-npu.configDir" -}}
 /etc/stc-npu
 {{- end -}}
@@ -89,6 +94,9 @@ over the STC_NPU_* environment variable of the same setting).
 - {{ printf "--log-level=%s" .Values.logLevel | quote }}
 - {{ printf "--log-format=%s" .Values.logFormat | quote }}
 - {{ printf "--probe-address=0.0.0.0:%d" (int .Values.probes.port) | quote }}
+{{- if eq .Values.hpe.mode "mapped" }}
+- {{ printf "--hpe-dir=%s" (include "stc-npu.hostHpeMount" .) | quote }}
+{{- end }}
 {{- end -}}
 
 {{/*
