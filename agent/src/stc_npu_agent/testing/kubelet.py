@@ -252,6 +252,7 @@ class KubeletEmulator:
         self._cond = threading.Condition(threading.RLock())
         self._changes = 0
         self._server: grpc.Server | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._epoch = 0  # bumped on every stop: stale threads check it
         self._closed = False
         self._registrations: list[Registration] = []
@@ -278,7 +279,8 @@ class KubeletEmulator:
             self._registered_devices = {}
             self._assignments = []
             self._load_checkpoint()
-            server = grpc.server(ThreadPoolExecutor(max_workers=16))
+            self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kubelet")
+            server = grpc.server(self._executor)
             api_pb2_grpc.add_RegistrationServicer_to_server(_RegistrationServicer(self), server)
             server.add_insecure_port(f"unix://{self.socket_path}")
             server.start()
@@ -303,6 +305,10 @@ class KubeletEmulator:
             self._event(f"stopped (crash={crash})")
             self._notify()
         server.stop(grace=None).wait()
+        if self._executor is not None:
+            # Handlers still dialing finish on their own (epoch check).
+            self._executor.shutdown(wait=False)
+            self._executor = None
         for stream in streams:
             _close_stream(stream)
         # grpc may or may not unlink the socket file itself: make it exact.
