@@ -126,7 +126,10 @@ def collect(chart: Path) -> tuple[list[Entry], list[str], dict[str, Any]]:
     entries: list[Entry] = []
     problems: list[str] = []
     for item in walk(schema, schema, values, comments_by_path(text), ""):
-        (entries if isinstance(item, Entry) else problems).append(item)  # type: ignore[arg-type]
+        if isinstance(item, Entry):
+            entries.append(item)
+        else:
+            problems.append(item)
     return entries, problems, schema
 
 

@@ -5,6 +5,7 @@ table from drifting apart."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -181,3 +182,43 @@ def test_drift_a_changed_comment_needs_a_regenerated_readme(chart_copy: Path) ->
     assert "wrote" in write.stdout
     assert _check(chart_copy).returncode == 0
     assert "logLevel is now the agent's" in (chart_copy / "README.md").read_text(encoding="utf-8")
+
+
+# Object nodes left open on purpose: Kubernetes types whose inner fields the
+# API server checks (the chart passes them through unchanged).
+OPEN_KUBERNETES_OBJECTS = {
+    "affinity.nodeAffinity",
+    "affinity.podAffinity",
+    "affinity.podAntiAffinity",
+    "extraEnv.*.valueFrom",
+}
+
+
+def _open_objects(node: dict[str, object], path: str, schema: dict[str, object]) -> list[str]:
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        definitions = schema["definitions"]
+        assert isinstance(definitions, dict)
+        node = definitions[ref.rsplit("/", 1)[1]]
+    found = []
+    if node.get("type") == "object" and node.get("additionalProperties") is not False:
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict):  # a map of user-chosen keys: check its values
+            found += _open_objects(extra, f"{path}.*", schema)
+        else:
+            found.append(path)
+    properties = node.get("properties", {})
+    assert isinstance(properties, dict)
+    for key, child in properties.items():
+        found += _open_objects(child, f"{path}.{key}".lstrip("."), schema)
+    for keyword in ("items", "anyOf"):
+        sub = node.get(keyword)
+        for child in sub if isinstance(sub, list) else [sub] if isinstance(sub, dict) else []:
+            found += _open_objects(child, path, schema)
+    return found
+
+
+def test_schema_is_closed_at_every_chart_level() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    assert schema["additionalProperties"] is False
+    assert set(_open_objects(schema, "", schema)) == OPEN_KUBERNETES_OBJECTS
