@@ -4,10 +4,12 @@ driven by the kubelet emulator over real unix sockets."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -68,8 +70,12 @@ def node(tmp_path: Path) -> SimNode:
 
 
 @pytest.fixture
-def kubelet_dir(tmp_path: Path) -> Path:
-    return tmp_path / "device-plugins"
+def kubelet_dir() -> Iterator[Path]:
+    # Not under tmp_path: pytest's paths are long, and a unix socket path has
+    # at most 107 bytes (the agent refuses longer ones with a clear error).
+    short = Path(tempfile.mkdtemp(prefix="stc-npu-"))
+    yield short / "device-plugins"
+    shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from stc_npu_agent.testing.simnode import SimNode
 
 from .conftest import NUMA_OF, RESOURCE, AgentFactory
 
-SOCKET_NAME = re.compile(r"stc-npu\.[0-9]+\.sock")
+SOCKET_NAME = re.compile(r"stc-npu\.[0-9a-f]+\.sock")
 NPU_NODES = ["", "c0", "c1", "c2", "c3", "ctrl"]
 
 
@@ -305,6 +305,19 @@ def test_probes_tell_registration_state(
         time.sleep(0.05)
     assert probe(unused_tcp_port, "/readyz") == 503  # the kubelet went away
     assert probe(unused_tcp_port, "/nope") == 404
+
+
+def test_too_long_kubelet_dir_is_a_clear_error(
+    kubelet_dir: Path, start_agent: AgentFactory
+) -> None:
+    # Long enough that our socket's path passes 107 bytes, short enough that
+    # the kubelet's own kubelet.sock still fits.
+    padding = 88 - len(str(kubelet_dir))
+    long_dir = kubelet_dir / ("d" * padding)
+    with KubeletEmulator(long_dir, version="1.32"):
+        agent = start_agent(kubelet_dir_override=long_dir)
+        agent.wait_log("longer than 107 bytes, the limit for unix sockets: use a shorter")
+        assert agent.process.poll() is None
 
 
 def test_bad_probe_address_is_refused(start_agent: AgentFactory) -> None:

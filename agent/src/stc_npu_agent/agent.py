@@ -57,6 +57,8 @@ SELF_CHECK_TIMEOUT = 5.0
 # Old kubelets only log a failed dial: without a stream by then, start over.
 STREAM_DEADLINE = 10.0
 STOP_GRACE = 0.5
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_UNIX_PATH = 107
 
 
 def socket_identity(path: Path) -> tuple[int, int] | None:
@@ -89,7 +91,9 @@ class PluginInstance:
     def __init__(
         self, kubelet_dir: Path, state: DeviceState, config: Config, on_lost: Callable[[], None]
     ) -> None:
-        self.name = f"{SOCKET_PREFIX}{time.time_ns()}{SOCKET_SUFFIX}"
+        # Unique to this instance (the upstream sample uses dp.<unix time>);
+        # hex keeps it short: a unix socket path has at most 107 bytes.
+        self.name = f"{SOCKET_PREFIX}{time.time_ns():x}{SOCKET_SUFFIX}"
         self.path = kubelet_dir / self.name
         self.streams = StreamTracker(on_lost)
         self._state = state
@@ -100,6 +104,11 @@ class PluginInstance:
         self.registered_at = 0.0
 
     async def start(self) -> None:
+        if len(os.fsencode(self.path)) > MAX_UNIX_PATH:
+            raise OSError(
+                f"socket path {self.path} is longer than {MAX_UNIX_PATH} bytes, the limit "
+                "for unix sockets: use a shorter --kubelet-dir"
+            )
         self._server.add_insecure_port(f"unix:{self.path}")
         await self._server.start()
         # Only the kubelet (root) needs the socket.
