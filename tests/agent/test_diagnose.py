@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from stc_npu_agent.testing.kubelet import KubeletEmulator
 from stc_npu_agent.testing.simnode import SimNode
 
@@ -34,18 +36,19 @@ def hpe_install(tmp_path: Path) -> Path:
     return hpe
 
 
-def test_healthy_node_reports_no_problems(  # noqa: PLR0917 (pytest fixtures)
-    tmp_path: Path,
-    node: SimNode,
-    kubelet: KubeletEmulator,
-    kubelet_dir: Path,
-    start_agent: AgentFactory,
-    unused_tcp_port: int,
-) -> None:
-    probe = f"127.0.0.1:{unused_tcp_port}"
-    start_agent(extra_args=["--probe-address", probe])
+@pytest.fixture
+def probe(kubelet: KubeletEmulator, start_agent: AgentFactory, unused_tcp_port: int) -> str:
+    """A running, registered agent with its probes on; their address."""
+    address = f"127.0.0.1:{unused_tcp_port}"
+    start_agent(extra_args=["--probe-address", address])
     kubelet.wait_registered(RESOURCE)
     kubelet.wait_until(lambda: kubelet.stream_open(RESOURCE), what="stream open")
+    return address
+
+
+def test_healthy_node_reports_no_problems(
+    tmp_path: Path, node: SimNode, kubelet: KubeletEmulator, kubelet_dir: Path, probe: str
+) -> None:
     result = diagnose(
         node, kubelet_dir, "--json", "--probe-address", probe, hpe_dir=hpe_install(tmp_path)
     )
@@ -90,17 +93,9 @@ def test_text_output_explains_an_unhealthy_npu_and_allocate(
     assert "registered: unknown (no probe address configured" in out
 
 
-def test_the_agents_view_shows_vanished_npus(  # noqa: PLR0917 (pytest fixtures)
-    tmp_path: Path,
-    node: SimNode,
-    kubelet: KubeletEmulator,
-    kubelet_dir: Path,
-    start_agent: AgentFactory,
-    unused_tcp_port: int,
+def test_the_agents_view_shows_vanished_npus(
+    node: SimNode, kubelet: KubeletEmulator, kubelet_dir: Path, probe: str
 ) -> None:
-    probe = f"127.0.0.1:{unused_tcp_port}"
-    start_agent(extra_args=["--probe-address", probe])
-    kubelet.wait_registered(RESOURCE)
     node.unplug(3)
     kubelet.wait_until(lambda: not kubelet.devices(RESOURCE)["stc3"].healthy, what="stc3 down")
     report = json.loads(diagnose(node, kubelet_dir, "--json", "--probe-address", probe).stdout)
