@@ -59,6 +59,16 @@ What is emulated
   device state (the kubelet process is gone); graceful removes
   ``kubelet.sock``, ``crash=True`` leaves a stale ``kubelet.sock`` (a unix
   socket bound and closed: connecting is refused) until the next start.
+
+Fault injection (not kubelet behaviour; for reliability tests)
+--------------------------------------------------------------
+* ``stop(hang=True)``: leaves a ``kubelet.sock`` that LISTENS but never
+  accepts or answers (a wedged kubelet): connects succeed (the kernel queues
+  them), every RPC waits for its deadline. The next ``start`` removes it.
+* ``fail_register(text)``: every Register is refused with gRPC UNKNOWN and
+  ``text`` (recorded with ``accepted=False``) until ``fail_register(None)``.
+* ``events()`` (the emulator's event log) and ``cut_offs()`` (how often the
+  emulated re-registration bug cut off a registration), to assert on.
 * ``allocate`` / ``get_preferred_allocation`` / ``pre_start_container``: real
   calls over the registered endpoint's connection, one container request,
   only ``container_responses[0]`` returned; no deadline unless the caller
@@ -262,6 +272,10 @@ class KubeletEmulator:
         self._registered_devices: dict[str, list[str]] = {}
         self._assignments: list[tuple[str, tuple[str, ...]]] = []
         self._events: list[str] = []
+        # Fault injection (see the module docstring).
+        self._hung: socket.socket | None = None
+        self._register_fault: str | None = None
+        self._cut_offs = 0
 
     # --- lifecycle --------------------------------------------------------
 
@@ -273,6 +287,7 @@ class KubeletEmulator:
                 raise RuntimeError("emulator is closed")
             if self._server is not None:
                 raise RuntimeError("emulator already running")
+            self._close_hung()
             self.plugin_dir.mkdir(parents=True, exist_ok=True)
             self._clean_plugin_dir()
             # A fresh process knows only what the checkpoint holds.
@@ -291,12 +306,18 @@ class KubeletEmulator:
             self._event("started")
             self._notify()
 
-    def stop(self, *, crash: bool = False) -> None:
+    def stop(self, *, crash: bool = False, hang: bool = False) -> None:
         """Stop serving and drop every stream; ``crash`` leaves a stale
-        ``kubelet.sock`` that refuses connections. No-op when stopped."""
+        ``kubelet.sock`` that refuses connections, ``hang`` one that accepts
+        connections but never answers (fault injection). No-op when stopped
+        (except that ``hang`` still installs the wedged socket)."""
+        if crash and hang:
+            raise ValueError("crash and hang are exclusive")
         with self._cond:
             server = self._server
             if server is None:
+                if hang:
+                    self._hang()
                 return
             self._server = None
             self._epoch += 1
@@ -318,6 +339,45 @@ class KubeletEmulator:
             # connect() gets ECONNREFUSED, like after a kubelet crash.
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.bind(str(self.socket_path))
+        if hang:
+            with self._cond:
+                self._hang()
+
+    def _hang(self) -> None:
+        """A listening ``kubelet.sock`` that never accepts: a wedged kubelet."""
+        self._close_hung()
+        self.plugin_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.socket_path))
+        sock.listen(64)  # the kernel completes connects; nobody reads them
+        self._hung = sock
+        self._event("hung: kubelet.sock listens but never answers")
+        self._notify()
+
+    def _close_hung(self) -> None:
+        sock, self._hung = self._hung, None
+        if sock is not None:
+            sock.close()
+            self.socket_path.unlink(missing_ok=True)
+
+    def fail_register(self, error: str | None) -> None:
+        """Refuse every Register with gRPC UNKNOWN and ``error`` (fault
+        injection); ``None`` ends the fault."""
+        with self._cond:
+            self._register_fault = error
+            self._event(f"register fault: {error}")
+            self._notify()
+
+    def events(self) -> list[str]:
+        """The emulator's event log (a snapshot), oldest first."""
+        with self._cond:
+            return list(self._events)
+
+    def cut_offs(self) -> int:
+        """How often the emulated re-registration bug cut off a registration."""
+        with self._cond:
+            return self._cut_offs
 
     def restart(self, *, crash: bool = False, down_for: float = 0.0) -> None:
         """``stop(crash=crash)``, stay down ``down_for`` seconds, ``start()``."""
@@ -330,6 +390,7 @@ class KubeletEmulator:
         """Stop everything; idempotent."""
         self.stop()
         with self._cond:
+            self._close_hung()
             self._closed = True
 
     def __enter__(self) -> KubeletEmulator:
@@ -558,6 +619,9 @@ class KubeletEmulator:
             )
         elif resource_name_error(resource) is not None:
             error = f'the ResourceName "{resource}" is invalid'
+        else:
+            with self._cond:
+                error = self._register_fault
         if error is not None:
             record(requested, False, error)
             context.abort(grpc.StatusCode.UNKNOWN, error)
@@ -704,6 +768,7 @@ class KubeletEmulator:
                     # The 1.26+ bug: the late end of the OLD instance's stream is
                     # taken for the resource's, and cuts off the NEW registration.
                     _mark_unhealthy(state)
+                    self._cut_offs += 1
                     if state.stream is not None:
                         to_close = state.stream
                         to_close.torn_down = True
