@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -42,6 +42,8 @@ from stc_npu_agent.testing.simnode import SimNode
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 
 RESOURCE = "streamcomputing.com/npu"
+Empty = api_pb2.Empty()
+T = TypeVar("T")
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 BENCH_DIR = Path(__file__).resolve().parent
@@ -280,7 +282,11 @@ class AgentProcess:
 
 
 def start_agent(
-    kubelet_dir: Path, node: SimNode, log_path: Path, log_level: str = "info"
+    kubelet_dir: Path,
+    node: SimNode,
+    log_path: Path,
+    log_level: str = "info",
+    env: Mapping[str, str] | None = None,
 ) -> AgentProcess:
     args = [
         sys.executable, "-m", "stc_npu_agent",
@@ -291,7 +297,9 @@ def start_agent(
     ]  # fmt: skip
     with log_path.open("ab") as log_file:
         started = time.monotonic()
-        process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            args, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     return AgentProcess(process, log_path, started)
 
 
@@ -379,6 +387,20 @@ def time_calls(
     return latencies, count / (time.perf_counter() - began)
 
 
+def cpu_per_call(
+    agent: AgentProcess, calls: int, run: Callable[[], T]
+) -> tuple[T, dict[str, float]]:
+    """Run ``run`` (which makes ``calls`` calls); also return the CPU ms per
+    call the agent and this client process spent meanwhile."""
+    agent0, client0 = cpu_seconds(agent.pid), time.process_time()
+    result = run()
+    agent_cpu, client_cpu = cpu_seconds(agent.pid) - agent0, time.process_time() - client0
+    return result, {
+        "agent_cpu_ms_per_call": agent_cpu / calls * 1000,
+        "client_cpu_ms_per_call": client_cpu / calls * 1000,
+    }
+
+
 async def _concurrent_allocates(
     path: Path, requests: Sequence[api_pb2.AllocateRequest], callers: int, per_caller: int
 ) -> tuple[list[float], float]:
@@ -401,12 +423,21 @@ async def _concurrent_allocates(
     return latencies, len(latencies) / elapsed
 
 
+def _run_concurrent(
+    path: Path, requests: Sequence[api_pb2.AllocateRequest], callers: int, per_caller: int
+) -> tuple[list[float], float]:
+    return asyncio.run(_concurrent_allocates(path, requests, callers, per_caller))
+
+
 # --- the benchmarks -----------------------------------------------------------
 
 
 class Bench:
-    def __init__(self, plan: Plan, root: Path, results: Results) -> None:
+    def __init__(
+        self, plan: Plan, root: Path, results: Results, env: Mapping[str, str] | None = None
+    ) -> None:
         self.plan = plan
+        self.env = dict(env or {})
         self.root = root
         self.results = results
         self.agents: list[AgentProcess] = []
@@ -422,7 +453,7 @@ class Bench:
         self, kubelet: KubeletEmulator, node: SimNode, log_level: str = "info"
     ) -> AgentProcess:
         name = f"agent-{len(self.agents)}.log"
-        agent = start_agent(kubelet.plugin_dir, node, self.root / name, log_level)
+        agent = start_agent(kubelet.plugin_dir, node, self.root / name, log_level, self.env)
         self.agents.append(agent)
         return agent
 
@@ -448,13 +479,19 @@ class Bench:
         wait_devices(kubelet, lambda d: healthy(d, ids), "8 NPUs healthy")
         time.sleep(1.0)  # let start-up work (first tick, imports of lazy paths) settle
         rss_start = proc_status(agent.pid)
+        # RSS after each phase: tells a leak (steady slope) from warm-up (a step).
+        marks = [("start", rss_start["VmRSS"] / 1024)]
         self.idle_cpu(agent)
+        marks.append(("idle", agent.rss_mb()))
         self.restarts(kubelet)
+        marks.append((f"{self.plan.restarts} restarts", agent.rss_mb()))
         self.socket_deleted(kubelet)
+        marks.append(("socket deletes", agent.rss_mb()))
         self.unplug_replug(kubelet, node)
         self.partial_failure(kubelet, node)
-        self.allocate(kubelet, ids, "info")
-        self.churn(kubelet, agent, ids, rss_start)
+        marks.append(("unplugs", agent.rss_mb()))
+        self.allocate(kubelet, agent, ids, "info", marks)
+        self.churn(kubelet, agent, ids, rss_start, marks)
 
     def idle_cpu(self, agent: AgentProcess) -> None:
         seconds = self.plan.idle_seconds
@@ -484,10 +521,11 @@ class Bench:
             )
         )
 
-    def _restart_once(self, kubelet: KubeletEmulator) -> tuple[float, float, float, float]:
+    def _restart_once(self, kubelet: KubeletEmulator) -> tuple[float, float, float, float, float]:
         """One stop()+start(); (Register after start() began, start() cost,
         Register after start() returned, first list after start() began), ms."""
         count = len(kubelet.registrations)
+        stopping = time.monotonic()
         kubelet.stop()
         before = time.monotonic()
         kubelet.start()
@@ -499,14 +537,16 @@ class Bench:
             (after - before) * 1000,
             (registration.received_at - after) * 1000,
             (listed - before) * 1000,
+            (before - stopping) * 1000,
         )
 
     def restarts(self, kubelet: KubeletEmulator) -> None:
-        register, start_cost, agent_share, listed = [], [], [], []
+        register, start_cost, agent_share, listed, stop_cost = [], [], [], [], []
         threads_before = threading.active_count()
         for _ in range(self.plan.restarts):
             time.sleep(0.05)  # the agent's post-registration work settles
-            a, b, c, d = self._restart_once(kubelet)
+            a, b, c, d, e = self._restart_once(kubelet)
+            stop_cost.append(e)
             register.append(a)
             start_cost.append(b)
             agent_share.append(c)
@@ -544,6 +584,7 @@ class Bench:
                 "emulator start() cost (kubelet side)",
                 "ms",
                 start_cost,
+                extra={"stop_ms_median": statistics.median(stop_cost)},
             )
         )
         self.add(
@@ -652,7 +693,19 @@ class Bench:
         )
         self.add(Result("node_restored_to_healthy_ms", "device node restored -> Healthy", "ms", up))
 
-    def allocate(self, kubelet: KubeletEmulator, ids: Sequence[str], log_level: str) -> None:
+    def allocate(
+        self,
+        kubelet: KubeletEmulator,
+        agent: AgentProcess,
+        ids: Sequence[str],
+        log_level: str,
+        marks: list[tuple[str, float]] | None = None,
+    ) -> None:
+        """Allocate latency from our own gRPC client on the agent's socket.
+
+        Each series also records the CPU the agent and this client spent per
+        call (/proc utime+stime; process_time), to show whose cost it is.
+        """
         path = endpoint_path(kubelet)
         suffix = "" if log_level == "info" else f"_{log_level}"
         label = "" if log_level == "info" else f" (agent --log-level {log_level})"
@@ -661,12 +714,26 @@ class Bench:
         n = self.plan.allocates
         with plugin_stub(path) as stub:
             counter = iter(range(10**9))
-            floor, _ = time_calls(lambda: stub.GetDevicePluginOptions(api_pb2.Empty()), n)
-            lat1, rate1 = time_calls(lambda: stub.Allocate(one[next(counter) % len(one)]), n)
-            lat8, rate8 = time_calls(lambda: stub.Allocate(eight[0]), n)
+            (floor, _), cpu_floor = cpu_per_call(
+                agent, n, lambda: time_calls(lambda: stub.GetDevicePluginOptions(Empty), n)
+            )
+            (lat1, rate1), cpu1 = cpu_per_call(
+                agent,
+                n,
+                lambda: time_calls(lambda: stub.Allocate(one[next(counter) % len(one)]), n),
+            )
+            (lat8, rate8), cpu8 = cpu_per_call(
+                agent, n, lambda: time_calls(lambda: stub.Allocate(eight[0]), n)
+            )
+        if marks is not None:
+            marks.append(("sequential Allocates", agent.rss_mb()))
         self.add(
             Result(
-                f"rpc_floor_ms{suffix}", f"GetDevicePluginOptions (gRPC floor){label}", "ms", floor
+                f"rpc_floor_ms{suffix}",
+                f"GetDevicePluginOptions (gRPC floor){label}",
+                "ms",
+                floor,
+                extra={"calls_per_s": n / sum(floor) * 1000, **cpu_floor},
             )
         )
         self.add(
@@ -677,7 +744,7 @@ class Bench:
                 lat1,
                 target="median <= 1, p90 <= 3",
                 target_max=1.0,
-                extra={"calls_per_s": rate1, "p90_met": percentile(lat1, 90) <= 3},
+                extra={"calls_per_s": rate1, "p90_met": percentile(lat1, 90) <= 3, **cpu1},
             )
         )
         self.add(
@@ -686,20 +753,24 @@ class Bench:
                 f"Allocate 8 NPUs, sequential{label}",
                 "ms",
                 lat8,
-                extra={"calls_per_s": rate8},
+                extra={"calls_per_s": rate8, **cpu8},
             )
         )
+        calls = 16 * self.plan.concurrent_per_caller
         for size, requests in (("1", one), ("8", eight)):
-            latencies, rate = asyncio.run(
-                _concurrent_allocates(path, requests, 16, self.plan.concurrent_per_caller)
+            concurrent = partial(
+                _run_concurrent, path, requests, 16, self.plan.concurrent_per_caller
             )
+            (latencies, rate), cpu = cpu_per_call(agent, calls, concurrent)
+            if marks is not None:
+                marks.append((f"16 callers x {size} NPU", agent.rss_mb()))
             self.add(
                 Result(
                     f"allocate_{size}_c16_ms{suffix}",
                     f"Allocate {size} NPU(s), 16 concurrent callers{label}",
                     "ms",
                     latencies,
-                    extra={"calls_per_s": rate},
+                    extra={"calls_per_s": rate, **cpu},
                 )
             )
             if size == "1":
@@ -722,7 +793,7 @@ class Bench:
         kubelet = self.kubelet("kubelet-quiet")
         agent = self.agent(kubelet, node, "warning")
         kubelet.wait_registered(RESOURCE, timeout=WAIT)
-        self.allocate(kubelet, [f"stc{i}" for i in range(MAIN_NPUS)], "warning")
+        self.allocate(kubelet, agent, [f"stc{i}" for i in range(MAIN_NPUS)], "warning")
         agent.stop()
 
     def churn(
@@ -731,6 +802,7 @@ class Bench:
         agent: AgentProcess,
         ids: Sequence[str],
         rss_start: Mapping[str, int],
+        marks: list[tuple[str, float]],
     ) -> None:
         """RSS after 1000 restarts + 10 000 Allocates in all (earlier ones count)."""
         restarts_done = self.plan.restarts
@@ -786,6 +858,8 @@ class Bench:
                     "restarts": restarts_done,
                     "allocates": allocated + remaining + earlier,
                     "timeline_restarts_rss_mb": timeline,
+                    "rss_mb_after_phase": marks,
+                    "growth_after_warmup_mb": after["VmRSS"] / 1024 - marks[-1][1],
                 },
             )
         )
@@ -891,7 +965,7 @@ class Bench:
 
     def scale(self) -> None:
         all_ids = [f"stc{i}" for i in range(SCALE_NPUS)]
-        advertise, after_last, messages = [], [], []
+        advertise, after_last, messages, plug_ops = [], [], [], []
         kubelet: KubeletEmulator | None = None
         node: BenchNode | None = None
         agent: AgentProcess | None = None
@@ -905,13 +979,15 @@ class Bench:
             time.sleep(0.2)
             before = len(kubelet.updates(RESOURCE))
             began = time.monotonic()
+            last = began
             for index in range(SCALE_NPUS):
+                last = time.monotonic()
                 node.add_npu(index, numa_node=index // 16)
-            added = time.monotonic()
+            plug_ops.append((time.monotonic() - began) * 1000)
             wait_devices(kubelet, lambda d: healthy(d, all_ids), "64 NPUs healthy")
             seen = first_update(kubelet, began, lambda d: healthy(d, all_ids))
             advertise.append((seen - began) * 1000)
-            after_last.append((seen - added) * 1000)
+            after_last.append((seen - last) * 1000)
             messages.append(float(len(kubelet.updates(RESOURCE)) - before))
         assert kubelet is not None
         assert node is not None
@@ -924,10 +1000,17 @@ class Bench:
                 "64 NPUs plugged (384 nodes) -> all advertised, from first plug",
                 "ms",
                 advertise,
-                extra={"list_bytes": size, "devices": len(devices), "device_nodes": 6 * SCALE_NPUS},
+                extra={
+                    "list_bytes": size,
+                    "devices": len(devices),
+                    "device_nodes": 6 * SCALE_NPUS,
+                    "plug_ops_ms": plug_ops,
+                },
             )
         )
-        self.add(Result("scale_after_last_plug_ms", "same, from the last plug", "ms", after_last))
+        self.add(
+            Result("scale_after_last_plug_ms", "same, from the last plug's start", "ms", after_last)
+        )
         self.add(
             Result(
                 "scale_list_messages", "ListAndWatch messages for the 64 plugs", "msgs", messages
@@ -1072,6 +1155,7 @@ class Bench:
 
 
 MAX_ROTATE = MAIN_NPUS
+PHASES = ("main", "quiet", "cold", "plug", "scale")
 
 
 def list_size(devices: Mapping[str, Device]) -> int:
@@ -1091,7 +1175,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON path")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=PHASES,
+        help="run only these phases (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--agent-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the agent processes (e.g. MALLOC_ARENA_MAX=2)",
+    )
     args = parser.parse_args(argv)
+    env = dict(item.split("=", 1) for item in args.agent_env)
+    phases = args.only or list(PHASES)
     plan = QUICK if args.quick else FULL
     if os.geteuid() != 0:
         print("bench: needs root (the simulated node makes device nodes with mknod)")
@@ -1105,14 +1204,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     results = Results()
     root = Path(tempfile.mkdtemp(prefix="stc-npu-bench-"))
-    bench = Bench(plan, root, results)
+    bench = Bench(plan, root, results, env)
     began = time.monotonic()
     try:
-        bench.main_node()
-        bench.allocate_quiet(root / "node-quiet")
-        bench.cold_start()
-        bench.plug_new()
-        bench.scale()
+        steps = {
+            "main": bench.main_node,
+            "quiet": lambda: bench.allocate_quiet(root / "node-quiet"),
+            "cold": bench.cold_start,
+            "plug": bench.plug_new,
+            "scale": bench.scale,
+        }
+        for phase in phases:
+            print(f"[{phase}]", flush=True)
+            steps[phase]()
     finally:
         bench.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -1122,6 +1226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     document = {
         "machine": info,
         "plan": plan.__dict__,
+        "phases": phases,
+        "agent_env": env,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "benchmarks": {r.key: r.summary() for r in results.items},
     }
