@@ -1,9 +1,11 @@
 """The chart and the agent cannot drift: the ConfigMap the chart renders is
-loaded by the agent's own config loader, and the flags the chart passes are
-flags the agent has."""
+loaded by the agent's own config loader, and the STC_NPU_* environment the
+chart renders gives the agent (and `diagnose` run in its pod, which inherits
+the environment but not args) exactly the settings the chart intends."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import yaml
 
 from stc_npu_agent.cli import FLAGS, build_parser
 from stc_npu_agent.core.config import ConfigError
+from stc_npu_agent.probes import parse_address
 from stc_npu_agent.settings import load_config
 from tests.chart.chartkit import CHART, SCENARIOS, agent_container, render
 
@@ -61,36 +64,90 @@ def test_the_loader_would_catch_a_bad_render(tmp_path: Path) -> None:
         load_config(path)
 
 
-def test_chart_passes_only_flags_the_agent_has() -> None:
-    known = {flag.name for flag in FLAGS}
-    args = agent_container(render())["args"]
-    passed = {re.sub(r"^--([a-z-]+)=.*$", r"\1", arg) for arg in args}
-    assert passed <= known, passed - known
-    # --sys-dir keeps its default: the container's own /sys is the host's, read-only.
-    assert passed >= {
-        "kubelet-dir",
-        "dev-dir",
-        "config",
-        "log-level",
-        "log-format",
-        "probe-address",
+# The chart's own variables, in the order it renders them (before extraEnv).
+CHART_ENV = (
+    "STC_NPU_KUBELET_DIR",
+    "STC_NPU_DEV_DIR",
+    "STC_NPU_CONFIG",
+    "STC_NPU_LOG_LEVEL",
+    "STC_NPU_LOG_FORMAT",
+    "STC_NPU_PROBE_ADDRESS",
+    "STC_NPU_HPE_DIR",  # mapped mode only
+)
+
+
+def _agent_env(container: dict[str, Any]) -> list[dict[str, Any]]:
+    """The container's env entries that are the agent's own variables."""
+    names = {flag.env for flag in FLAGS}
+    return [item for item in container.get("env", []) if item["name"] in names]
+
+
+def _intended(values: dict[str, Any]) -> dict[str, str | None]:
+    """What the chart means the agent's settings to be, by argparse dest."""
+    return {
+        "kubelet_dir": values["kubeletDir"],
+        "dev_dir": "/host/dev",  # devDir's mount
+        "sys_dir": "/sys",  # the agent's default: the container's own /sys
+        "config": "/etc/stc-npu/config.yaml",  # the ConfigMap's mount
+        "log_level": values["logLevel"],
+        "log_format": values["logFormat"],
+        "hpe_dir": "/host/hpe" if values["hpe"]["mode"] == "mapped" else None,
+        "probe_address": f"0.0.0.0:{values['probes']['port']}",
     }
 
 
+def _settings(parsed: argparse.Namespace) -> dict[str, str | None]:
+    return {dest: getattr(parsed, dest) for dest in (f.name.replace("-", "_") for f in FLAGS)}
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in SCENARIOS])
-def test_agent_parses_the_rendered_args(scenario: Path) -> None:
-    # The agent's own parser: an unknown flag or a bad choice exits here.
-    args = agent_container(render(values_files=[scenario]))["args"]
-    parsed = build_parser().parse_args(args)
-    assert parsed.command is None  # runs the agent, not a subcommand
-    values = _values(scenario)
-    assert parsed.kubelet_dir == values["kubeletDir"]
-    assert parsed.log_level == values["logLevel"]
-    assert parsed.log_format == values["logFormat"]
+def test_chart_passes_settings_as_env_only(scenario: Path) -> None:
+    container = agent_container(render(values_files=[scenario]))
+    assert "args" not in container  # kubectl exec would not see them
+    assert "command" not in container  # the image's ENTRYPOINT, stc-npu-agent
+    names = [item["name"] for item in container["env"]]
+    mapped = _values(scenario)["hpe"]["mode"] == "mapped"
+    own = list(CHART_ENV if mapped else CHART_ENV[:-1])
+    # The chart's variables first, in a fixed order, then extraEnv's.
+    assert names[: len(own)] == own
+    assert not any(name.startswith("STC_NPU_") for name in names[len(own) :])
+    assert set(own) <= {flag.env for flag in FLAGS}
+    for item in container["env"][: len(own)]:
+        assert set(item) == {"name", "value"}, item
+        assert isinstance(item["value"], str), item
 
 
-def test_reserved_env_names_are_the_agent_flags_the_chart_sets() -> None:
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_agent_settings_from_the_rendered_env(
+    scenario: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The agent's own parser reads the STC_NPU_* defaults when it is built:
+    # set exactly the container's environment, then parse no args at all, as
+    # the container does, and as `kubectl exec ... stc-npu-agent diagnose` does.
+    for flag in FLAGS:
+        monkeypatch.delenv(flag.env, raising=False)
+    for item in _agent_env(agent_container(render(values_files=[scenario]))):
+        monkeypatch.setenv(item["name"], item["value"])
+
+    agent = build_parser().parse_args([])
+    diagnose = build_parser().parse_args(["diagnose"])
+
+    assert agent.command is None  # runs the agent, not a subcommand
+    assert diagnose.command == "diagnose"
+    expected = _intended(_values(scenario))
+    assert set(expected) == set(_settings(agent)), "a new agent flag: say what the chart intends"
+    assert _settings(agent) == expected
+    assert _settings(diagnose) == expected
+    # The checks main() applies to environment values (argparse does not).
+    for flag in FLAGS:
+        if flag.choices:
+            assert getattr(agent, flag.name.replace("-", "_")) in flag.choices
+    parse_address(agent.probe_address)
+
+
+def test_reserved_env_names_are_the_variables_the_chart_sets() -> None:
     text = (CHART / "templates" / "validate.yaml").read_text(encoding="utf-8")
     reserved = set(re.findall(r'"(STC_NPU_[A-Z_]+)"', text))
-    passed = {re.sub(r"^--([a-z-]+)=.*$", r"\1", arg) for arg in agent_container(render())["args"]}
-    assert reserved == {flag.env for flag in FLAGS if flag.name in passed}
+    assert reserved == set(CHART_ENV)
+    rendered = {item["name"] for item in _agent_env(agent_container(render()))}
+    assert reserved == rendered

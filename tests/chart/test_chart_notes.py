@@ -32,6 +32,8 @@ def test_notes_say_what_and_how_to_check() -> None:
     assert "helm test stc-npu -n kube-system" in notes
     assert "streamcomputing.com/npu: 1" in notes  # the example pod
     assert "hpe.mode=mapped" in notes
+    # diagnose through kubectl exec: it sees the agent's settings (env, not args).
+    assert "kubectl -n kube-system exec ds/stc-npu -- stc-npu-agent diagnose" in notes
 
 
 def test_notes_follow_the_resource_name_and_namespace() -> None:
@@ -42,6 +44,7 @@ def test_notes_follow_the_resource_name_and_namespace() -> None:
     assert "example.com/stcp920: 1" in notes
     assert "streamcomputing.com/npu" not in notes.replace("streamcomputing.com/npu.present", "")
     assert "kubectl -n npu rollout status" in notes
+    assert "kubectl -n npu exec ds/stc-npu -- stc-npu-agent diagnose" in notes
     assert "hpe.mode=unmapped" in notes
 
 

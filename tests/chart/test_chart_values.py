@@ -69,7 +69,8 @@ CASES = [
         _config(
             {
                 f"{TEST}.env.0.value": "unmapped",
-                f"{C}.args.6": MISSING,  # --hpe-dir
+                f"{C}.env.6.name": MISSING,  # STC_NPU_HPE_DIR
+                f"{C}.env.6.value": MISSING,
                 f"{C}.volumeMounts.3.*": MISSING,  # host-hpe
                 f"{DS}.volumes.3.*": MISSING,
             }
@@ -118,7 +119,7 @@ CASES = [
         "kubeletDir",
         {"kubeletDir": "/var/lib/k0s/kubelet/device-plugins"},
         {
-            f"{C}.args.0": "--kubelet-dir=/var/lib/k0s/kubelet/device-plugins",
+            f"{C}.env.0.value": "/var/lib/k0s/kubelet/device-plugins",  # STC_NPU_KUBELET_DIR
             f"{C}.volumeMounts.0.mountPath": "/var/lib/k0s/kubelet/device-plugins",
             f"{DS}.volumes.0.hostPath.path": "/var/lib/k0s/kubelet/device-plugins",
         },
@@ -126,12 +127,15 @@ CASES = [
     Case(
         "devDir", {"devDir": "/host-root/dev"}, {f"{DS}.volumes.1.hostPath.path": "/host-root/dev"}
     ),
-    Case("logLevel", {"logLevel": "debug"}, {f"{C}.args.3": "--log-level=debug"}),
-    Case("logFormat", {"logFormat": "json"}, {f"{C}.args.4": "--log-format=json"}),
+    Case("logLevel", {"logLevel": "debug"}, {f"{C}.env.3.value": "debug"}),  # STC_NPU_LOG_LEVEL
+    Case("logFormat", {"logFormat": "json"}, {f"{C}.env.4.value": "json"}),  # STC_NPU_LOG_FORMAT
     Case(
         "probes.port",
         {"probes": {"port": 9101}},
-        {f"{C}.args.5": "--probe-address=0.0.0.0:9101", f"{C}.ports.0.containerPort": 9101},
+        {
+            f"{C}.env.5.value": "0.0.0.0:9101",  # STC_NPU_PROBE_ADDRESS
+            f"{C}.ports.0.containerPort": 9101,
+        },
     ),
     Case(
         "nodeSelector",
@@ -209,11 +213,11 @@ CASES = [
                 "GRPC_VERBOSITY": "error",
             }
         },
-        {
-            f"{C}.env.0.name": "GRPC_VERBOSITY",
-            f"{C}.env.0.value": "error",
-            f"{C}.env.1.name": "NODE_NAME",
-            f"{C}.env.1.valueFrom.fieldRef.fieldPath": "spec.nodeName",
+        {  # after the chart's own seven variables, sorted by name
+            f"{C}.env.7.name": "GRPC_VERBOSITY",
+            f"{C}.env.7.value": "error",
+            f"{C}.env.8.name": "NODE_NAME",
+            f"{C}.env.8.valueFrom.fieldRef.fieldPath": "spec.nodeName",
         },
     ),
     Case(
@@ -370,16 +374,16 @@ def test_only_the_kubelet_dir_is_writable(default: Render) -> None:
     assert mounts["host-hpe"]["mountPath"] == "/host/hpe"
 
 
-def test_agent_args_point_at_the_mounts(default: Render) -> None:
+def test_agent_env_points_at_the_mounts(default: Render) -> None:
     container = agent_container(default)
-    args = dict(arg.removeprefix("--").split("=", 1) for arg in container["args"])
+    env = {item["name"]: item["value"] for item in container["env"]}
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
-    assert args["kubelet-dir"] == mounts["kubelet-device-plugins"]
-    assert args["dev-dir"] == mounts["host-dev"]
-    assert args["config"] == mounts["config"] + "/config.yaml"
+    assert env["STC_NPU_KUBELET_DIR"] == mounts["kubelet-device-plugins"]
+    assert env["STC_NPU_DEV_DIR"] == mounts["host-dev"]
+    assert env["STC_NPU_CONFIG"] == mounts["config"] + "/config.yaml"
     assert "config.yaml" in default.kind("ConfigMap")["data"]
-    assert args["probe-address"] == "0.0.0.0:8081"
-    assert args["hpe-dir"] == mounts["host-hpe"]
+    assert env["STC_NPU_PROBE_ADDRESS"] == "0.0.0.0:8081"
+    assert env["STC_NPU_HPE_DIR"] == mounts["host-hpe"]
 
 
 def test_probes_tell_liveness_and_readiness_apart(default: Render) -> None:

@@ -84,18 +84,30 @@ discovery:
 {{- end -}}
 
 {{/*
-The agent's arguments, all in one place. Each setting is a flag (a flag wins
-over the STC_NPU_* environment variable of the same setting).
+The agent's settings, all in one place, as the STC_NPU_* environment
+variables of its flags, in a fixed order, and no container args: `kubectl
+exec ... -- stc-npu-agent diagnose` inherits the container's environment but
+not its args, so the agent and diagnose run in its pod see the same settings.
+STC_NPU_HPE_DIR (mapped mode only) comes last, so that hpe.mode changes nothing
+but its own entry. templates/validate.yaml refuses extraEnv entries with these
+names; the agent keeps its default for STC_NPU_SYS_DIR (the container's /sys).
 */}}
-{{- define "stc-npu.agentArgs" -}}
-- {{ printf "--kubelet-dir=%s" .Values.kubeletDir | quote }}
-- {{ printf "--dev-dir=%s" (include "stc-npu.hostDevMount" .) | quote }}
-- {{ printf "--config=%s/config.yaml" (include "stc-npu.configDir" .) | quote }}
-- {{ printf "--log-level=%s" .Values.logLevel | quote }}
-- {{ printf "--log-format=%s" .Values.logFormat | quote }}
-- {{ printf "--probe-address=0.0.0.0:%d" (int .Values.probes.port) | quote }}
+{{- define "stc-npu.agentEnv" -}}
+- name: STC_NPU_KUBELET_DIR
+  value: {{ .Values.kubeletDir | quote }}
+- name: STC_NPU_DEV_DIR
+  value: {{ include "stc-npu.hostDevMount" . | quote }}
+- name: STC_NPU_CONFIG
+  value: {{ printf "%s/config.yaml" (include "stc-npu.configDir" .) | quote }}
+- name: STC_NPU_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+- name: STC_NPU_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+- name: STC_NPU_PROBE_ADDRESS
+  value: {{ printf "0.0.0.0:%d" (int .Values.probes.port) | quote }}
 {{- if eq .Values.hpe.mode "mapped" }}
-- {{ printf "--hpe-dir=%s" (include "stc-npu.hostHpeMount" .) | quote }}
+- name: STC_NPU_HPE_DIR
+  value: {{ include "stc-npu.hostHpeMount" . | quote }}
 {{- end }}
 {{- end -}}
 
