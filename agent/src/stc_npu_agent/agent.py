@@ -109,7 +109,14 @@ class PluginInstance:
                 f"socket path {self.path} is longer than {MAX_UNIX_PATH} bytes, the limit "
                 "for unix sockets: use a shorter --kubelet-dir"
             )
-        self._server.add_insecure_port(f"unix:{self.path}")
+        try:
+            self._server.add_insecure_port(f"unix:{self.path}")
+        except RuntimeError:
+            # grpc only says "Failed to bind" (the errno goes to its own log):
+            # name the cause an operator can fix.
+            raise RuntimeError(
+                f"cannot create {self.path}: {_bind_problem(self.path.parent)}"
+            ) from None
         await self._server.start()
         # Only the kubelet (root) needs the socket.
         os.chmod(self.path, 0o600)
@@ -153,6 +160,8 @@ class Agent:
         self.registrations = 0
         self.heartbeat = time.monotonic()
         self._registered_kubelet: tuple[int, int] | None = None
+        # The kubelet.sock last seen: only a different one is "changed".
+        self._seen_kubelet: tuple[int, int] | None = None
         self._stop: asyncio.Event
         self._reregister: asyncio.Event
         self._kubelet_changed: asyncio.Event
@@ -213,8 +222,14 @@ class Agent:
     def _check_sockets(self) -> None:
         """Compare the kubelet dir with what we registered against."""
         kubelet = socket_identity(self.kubelet_socket)
-        if kubelet is not None:
+        # Only a NEW kubelet.sock (appeared, or made anew) cuts a backoff
+        # short. The 1 s tick calls this too: setting the event for a socket
+        # that merely still exists capped every backoff at 1 s, so a kubelet
+        # refusing Register got a retry (and a warning) every second forever
+        # (tests/reliability/test_plugin_dir_faults.py).
+        if kubelet is not None and kubelet != self._seen_kubelet:
             self._kubelet_changed.set()
+        self._seen_kubelet = kubelet
         if not self.registered or self.instance is None:
             return
         if kubelet is None:
@@ -321,7 +336,7 @@ class Agent:
         try:
             await instance.start()
             async with grpc.aio.insecure_channel(f"unix:{self.kubelet_socket}") as channel:
-                await api_pb2_grpc.RegistrationStub(channel).Register(
+                call = api_pb2_grpc.RegistrationStub(channel).Register(
                     api_pb2.RegisterRequest(
                         version=API_VERSION,
                         endpoint=instance.name,
@@ -330,6 +345,7 @@ class Agent:
                     ),
                     timeout=REGISTER_TIMEOUT,
                 )
+                await self._await_register(call, kubelet)
         except (grpc.RpcError, OSError, RuntimeError) as error:
             log.warning("registration failed: %s", _describe_error(error))
             await instance.close()
@@ -349,6 +365,42 @@ class Agent:
         # Anything that changed while we registered must still count.
         self._check_sockets()
         return True
+
+    async def _await_register(
+        self,
+        call: grpc.aio.UnaryUnaryCall[api_pb2.RegisterRequest, api_pb2.Empty],
+        kubelet: tuple[int, int] | None,
+    ) -> None:
+        """Wait for Register, but give it up when a new kubelet.sock appears
+        or the agent stops. A wedged kubelet, or a 1.26+ kubelet that started
+        meanwhile (and deleted our socket) and now dials it for 10 s, would
+        otherwise hold the agent for the whole REGISTER_TIMEOUT while the
+        new kubelet waits for us (tests/reliability/test_plugin_dir_faults.py)."""
+        answer = asyncio.ensure_future(call)
+        replaced = asyncio.ensure_future(self._kubelet_replaced(kubelet))
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({answer, replaced, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            replaced.cancel()
+            stopping.cancel()
+        if not answer.done():
+            call.cancel()
+            answer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                await answer
+            why = "the agent is stopping" if self._stop.is_set() else f"a new {KUBELET_SOCKET}"
+            raise RuntimeError(f"Register given up for {why}")
+        answer.result()
+
+    async def _kubelet_replaced(self, registering_with: tuple[int, int] | None) -> None:
+        """Return once kubelet.sock is another socket than ``registering_with``."""
+        while True:
+            self._kubelet_changed.clear()
+            current = socket_identity(self.kubelet_socket)
+            if current is not None and current != registering_with:
+                return
+            await self._kubelet_changed.wait()
 
     def _remove_stale_sockets(self) -> None:
         """Delete our earlier sockets that nothing serves (e.g. after a SIGKILL).
@@ -389,6 +441,15 @@ class Agent:
                 self.request_reregister(
                     f"the kubelet opened no ListAndWatch stream within {STREAM_DEADLINE:.0f} s"
                 )
+
+
+def _bind_problem(directory: Path) -> str:
+    """Why a socket cannot be made in ``directory`` (after a failed bind)."""
+    if not directory.is_dir():
+        return f"the plugin dir {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"the plugin dir {directory} is not writable (permission denied)"
+    return "bind failed (the gRPC log line above has the reason)"
 
 
 def _describe_error(error: BaseException) -> str:
