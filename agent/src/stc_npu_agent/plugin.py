@@ -146,6 +146,11 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
         request: api_pb2.PreferredAllocationRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> api_pb2.PreferredAllocationResponse:
+        if not request.container_requests:
+            # An empty answer would only surface in the kubelet as "empty
+            # preferred allocation response": refuse the request as Allocate
+            # does (tests/reliability/test_bad_input.py).
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no container requests")
         responses = []
         for container in request.container_requests:
             try:
