@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -52,8 +53,15 @@ MAIN_NPUS = 8  # two NUMA nodes of four: an 8-NPU Allocate takes them all
 SCALE_NPUS = 64  # 384 device nodes
 WAIT = 30.0  # generous: a noisy machine must not fail the run
 PCI_SLOTS = 31  # device numbers 1..31 behind the root complex
+PLUGIN_DOCKERFILE = BENCH_DIR.parent / "images" / "plugin" / "Dockerfile"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def image_env() -> dict[str, str]:
+    """Runtime tuning the plugin image sets (MALLOC_ARENA_MAX), read from its Dockerfile."""
+    text = PLUGIN_DOCKERFILE.read_text()
+    return dict(re.findall(r"\b(MALLOC_ARENA_MAX)=([0-9]+)", text))
 
 
 # --- repetitions --------------------------------------------------------------
@@ -1189,7 +1197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="extra environment for the agent processes (e.g. MALLOC_ARENA_MAX=2)",
     )
     args = parser.parse_args(argv)
-    env = dict(item.split("=", 1) for item in args.agent_env)
+    # Measure the agent as the image runs it, then apply the extra settings.
+    env = {**image_env(), **dict(item.split("=", 1) for item in args.agent_env)}
     phases = args.only or list(PHASES)
     plan = QUICK if args.quick else FULL
     if os.geteuid() != 0:
