@@ -37,7 +37,6 @@ from typing import Any, TypeVar
 
 import grpc
 
-from stc_npu_agent.testing import simnode
 from stc_npu_agent.testing.kubelet import Device, KubeletEmulator
 from stc_npu_agent.testing.simnode import SimNode
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
@@ -52,7 +51,6 @@ DEFAULT_OUT = BENCH_DIR / "results.json"
 MAIN_NPUS = 8  # two NUMA nodes of four: an 8-NPU Allocate takes them all
 SCALE_NPUS = 64  # 384 device nodes
 WAIT = 30.0  # generous: a noisy machine must not fail the run
-PCI_SLOTS = 31  # device numbers 1..31 behind the root complex
 PLUGIN_DOCKERFILE = BENCH_DIR.parent / "images" / "plugin" / "Dockerfile"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -311,25 +309,6 @@ def start_agent(
     return AgentProcess(process, log_path, started)
 
 
-class BenchNode(SimNode):
-    """SimNode with room for 64 NPUs (384 device nodes).
-
-    SimNode numbers NPUs by PCI device slot (5 bits: at most 31); here NPUs
-    past 30 go to function 1.. of the same root ports, so every PCI address
-    stays valid and distinct.
-    """
-
-    def pci_dir(self, index: int) -> Path:
-        bridge = f"0000:00:{index % PCI_SLOTS + 1:02x}.{index // PCI_SLOTS}"
-        return self.sys_dir / "devices" / "pci0000:00" / bridge / self.bdf(index)
-
-
-def _allow_scale_indices() -> None:
-    # SimNode checks the index against this bound; BenchNode keeps the PCI
-    # layout valid past it (see above).
-    simnode._MAX_INDEX = max(simnode._MAX_INDEX, SCALE_NPUS - 1)
-
-
 # --- observing the kubelet's side --------------------------------------------
 
 
@@ -477,7 +456,7 @@ class Bench:
     # -- main node: 8 NPUs -----------------------------------------------------
 
     def main_node(self) -> None:
-        node = BenchNode(self.root / "node-main")
+        node = SimNode(self.root / "node-main")
         for index in range(MAIN_NPUS):
             node.add_npu(index, numa_node=index // 4)
         ids = [f"stc{i}" for i in range(MAIN_NPUS)]
@@ -795,7 +774,7 @@ class Bench:
 
     def allocate_quiet(self, node_root: Path) -> None:
         """The same Allocate figures with --log-level warning (no line per call)."""
-        node = BenchNode(node_root)
+        node = SimNode(node_root)
         for index in range(MAIN_NPUS):
             node.add_npu(index, numa_node=index // 4)
         kubelet = self.kubelet("kubelet-quiet")
@@ -875,7 +854,7 @@ class Bench:
     # -- cold start ---------------------------------------------------------------
 
     def cold_start(self) -> None:
-        node = BenchNode(self.root / "node-cold")
+        node = SimNode(self.root / "node-cold")
         for index in range(MAIN_NPUS):
             node.add_npu(index, numa_node=index // 4)
         kubelet = self.kubelet("kubelet-cold")
@@ -945,7 +924,7 @@ class Bench:
 
     def plug_new(self) -> None:
         """New NPUs plugged one at a time into a running agent's node."""
-        node = BenchNode(self.root / "node-plug")
+        node = SimNode(self.root / "node-plug")
         kubelet = self.kubelet("kubelet-plug")
         self.agent(kubelet, node)
         kubelet.wait_registered(RESOURCE, timeout=WAIT)
@@ -975,12 +954,12 @@ class Bench:
         all_ids = [f"stc{i}" for i in range(SCALE_NPUS)]
         advertise, after_last, messages, plug_ops = [], [], [], []
         kubelet: KubeletEmulator | None = None
-        node: BenchNode | None = None
+        node: SimNode | None = None
         agent: AgentProcess | None = None
         for rep in range(self.plan.burst_adds):
             if agent is not None:
                 agent.stop()
-            node = BenchNode(self.root / f"node-scale-{rep}")
+            node = SimNode(self.root / f"node-scale-{rep}")
             kubelet = self.kubelet(f"kubelet-scale-{rep}")
             agent = self.agent(kubelet, node)
             kubelet.wait_registered(RESOURCE, timeout=WAIT)
@@ -1045,7 +1024,7 @@ class Bench:
         agent.stop()
         self.scale_cold_start(node)
 
-    def storm(self, kubelet: KubeletEmulator, node: BenchNode, agent: AgentProcess) -> None:
+    def storm(self, kubelet: KubeletEmulator, node: SimNode, agent: AgentProcess) -> None:
         rng = random.Random(5)  # noqa: S311  (a reproducible storm, not a secret)
         all_ids = [f"stc{i}" for i in range(SCALE_NPUS)]
         names = [name for index in range(SCALE_NPUS) for name in node.node_names(index)]
@@ -1141,7 +1120,7 @@ class Bench:
                 )
             )
 
-    def scale_cold_start(self, node: BenchNode) -> None:
+    def scale_cold_start(self, node: SimNode) -> None:
         kubelet = self.kubelet("kubelet-scale-cold")
         all_ids = [f"stc{i}" for i in range(SCALE_NPUS)]
         listed, rss = [], []
@@ -1204,7 +1183,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: needs root (the simulated node makes device nodes with mknod)")
         return 1
-    _allow_scale_indices()
     info = machine()
     print(
         f"stc-npu bench ({'quick' if plan.quick else 'full'}): {info['nproc']} cores, "

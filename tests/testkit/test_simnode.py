@@ -181,3 +181,13 @@ def test_errors(node: SimNode) -> None:
     node.unplug(0)
     with pytest.raises(ValueError, match="unplugged"):
         node.restore_node("stc0")
+
+
+def test_room_for_64_npus_with_distinct_pci_addresses(tmp_path: Path) -> None:
+    node = SimNode(tmp_path / "big")
+    for index in range(64):
+        node.add_npu(index)
+    pci_dirs = {node.pci_dir(index) for index in range(64)}
+    assert len(pci_dirs) == 64
+    assert all(path.is_dir() for path in pci_dirs)
+    assert len(list(node.dev_dir.iterdir())) == 64 * 6

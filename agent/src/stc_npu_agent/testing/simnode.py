@@ -6,7 +6,7 @@ ever opens them. The sysfs tree has the link structure standard Linux gives a
 char device of a PCI driver (see docs ``stc-hardware.md``)::
 
     dev/stc<i>, stc<i>c0..c3, stc<i>ctrl           char, major 240, minor i*8+k
-    sys/devices/pci0000:00/0000:00:<slot>.0/<BDF>/  the NPU's PCI function:
+    sys/devices/pci0000:00/0000:00:<slot>.<fn>/<BDF>/  the NPU's PCI function:
         vendor, device, numa_node, class, uevent, driver -> bus/pci/drivers/stc
         stc/<node>/dev ("240:0"), uevent, device -> ../../, subsystem -> class/stc
     sys/dev/char/<major>:<minor>   -> ../../devices/.../stc/<node>
@@ -43,9 +43,11 @@ DEFAULT_MAJOR = 240
 _MINORS_PER_NPU = 8
 _CTRL_K = 5
 _MAX_CLUSTERS = 4
-# PCI device numbers behind the root complex are 5 bits (0..31); slot 0 is
-# not used, so at most 31 NPUs.
-_MAX_INDEX = 30
+# Each NPU sits behind a root port 0000:00:<slot>.<function>: slots 1..31
+# (device numbers are 5 bits, 0 unused), then functions 1..7 of the same
+# slots, so up to 248 NPUs keep valid, distinct PCI addresses.
+_PCI_SLOTS = 31
+_MAX_INDEX = _PCI_SLOTS * 8 - 1
 _DEV_MODE = 0o660
 # PCI class "processing accelerator" (0x12), as accelerator cards report.
 _PCI_CLASS = "0x120000"
@@ -184,7 +186,7 @@ class SimNode:
 
     def pci_dir(self, index: int) -> Path:
         """The NPU's PCI function dir under ``sys/devices``."""
-        bridge = f"0000:00:{index + 1:02x}.0"
+        bridge = f"0000:00:{index % _PCI_SLOTS + 1:02x}.{index // _PCI_SLOTS}"
         return self.sys_dir / "devices" / "pci0000:00" / bridge / self.bdf(index)
 
     def devnum(self, name: str) -> tuple[int, int]:
