@@ -38,3 +38,8 @@ demo: venv
 # Speed and footprint of the real agent (figures in bench/README.md).
 bench: venv
 	$(PY) bench/run.py
+
+# The long soak (200+ kubelet restarts, leak counts); make test skips it.
+.PHONY: soak
+soak: venv
+	$(PY) -m pytest -m slow -s tests/reliability
