@@ -97,7 +97,9 @@ def restart_storm(
             done += 1
         else:
             kind = rng.choice(["graceful", "graceful", "crash", "burst"])
-            if kind == "burst" and done + 3 <= restarts:
+            # A burst must not jump over a planned absence.
+            burst_fits = done + 3 <= restarts and not away_at & {done + 1, done + 2}
+            if kind == "burst" and burst_fits:
                 for _ in range(3):  # back-to-back, within milliseconds
                     kubelet.restart(crash=rng.random() < 0.5)
                 figures.bursts += 1
