@@ -32,6 +32,9 @@ C = f"{DS}.containers.0"
 CONFIG = "ConfigMap:data.config.yaml"
 CHECKSUM = "DaemonSet:spec.template.metadata.annotations.checksum/config"
 TEST = "Pod:spec.containers.0"
+# Checkov skip annotations that answer a finding the value can remove.
+DS_SKIP = "DaemonSet:metadata.annotations.checkov.io/"
+TEST_SKIP = "Pod:metadata.annotations.checkov.io/"
 DIGEST = "sha256:" + "ab" * 32
 
 
@@ -105,10 +108,12 @@ CASES = [
     Case(
         "image.digest",
         {"image": {"tag": "0.2.0", "digest": DIGEST}},
-        {f"{C}.image": f"ghcr.io/stc-npu/stc-npu-agent@{DIGEST}"},
+        {f"{C}.image": f"ghcr.io/stc-npu/stc-npu-agent@{DIGEST}", f"{DS_SKIP}skip5": MISSING},
     ),
     Case(
-        "image.pullPolicy", {"image": {"pullPolicy": "Always"}}, {f"{C}.imagePullPolicy": "Always"}
+        "image.pullPolicy",
+        {"image": {"pullPolicy": "Always"}},
+        {f"{C}.imagePullPolicy": "Always", f"{DS_SKIP}skip4": MISSING},
     ),
     Case(
         "imagePullSecrets",
@@ -193,7 +198,11 @@ CASES = [
     Case(
         "resources",
         {"resources": {"requests": {"cpu": "50m"}, "limits": {"cpu": "1"}}},
-        {f"{C}.resources.requests.cpu": "50m", f"{C}.resources.limits.cpu": "1"},
+        {
+            f"{C}.resources.requests.cpu": "50m",
+            f"{C}.resources.limits.cpu": "1",
+            f"{DS_SKIP}skip3": MISSING,
+        },
     ),
     Case(
         "podAnnotations",
@@ -242,7 +251,7 @@ CASES = [
     Case(
         "test.image.digest",
         {"test": {"image": {"digest": DIGEST}}},
-        {f"{TEST}.image": f"docker.io/library/busybox@{DIGEST}"},
+        {f"{TEST}.image": f"docker.io/library/busybox@{DIGEST}", f"{TEST_SKIP}skip3": MISSING},
     ),
     Case(
         "test.image.pullPolicy",
