@@ -324,3 +324,15 @@ def test_bad_probe_address_is_refused(start_agent: AgentFactory) -> None:
     agent = start_agent(extra_args=["--probe-address", "localhost"])
     assert agent.process.wait(10) == 2
     assert "--probe-address / STC_NPU_PROBE_ADDRESS: probe address must be HOST:PORT" in agent.log()
+
+
+def test_stream_ended_by_the_kubelet_re_registers(
+    kubelet: KubeletEmulator, start_agent: AgentFactory
+) -> None:
+    agent = start_agent()
+    first = kubelet.wait_registered(RESOURCE)
+    kubelet.end_stream(RESOURCE)
+    second = kubelet.wait_registered(RESOURCE, after=first.index + 1)
+    assert second.endpoint != first.endpoint
+    agent.wait_log("re-registering: the kubelet ended the ListAndWatch stream")
+    kubelet.wait_until(lambda: kubelet.allocatable(RESOURCE) == 4, what="all back")

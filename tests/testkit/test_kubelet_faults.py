@@ -94,3 +94,16 @@ def test_cut_offs_count_the_reregistration_bug(h: Harness) -> None:
     register(kube, second.socket.name)  # while the old stream is still open
     kube.wait_until(lambda: kube.cut_offs() == 1, timeout=WAIT, what="cut-off counted")
     assert any("reregistration bug" in event for event in kube.events())
+
+
+def test_end_stream_marks_devices_unhealthy_and_never_reopens(h: Harness) -> None:
+    kube, _ = registered(h)
+    assert kube.allocatable(RES) == 2
+    kube.end_stream(RES)
+    kube.wait_until(lambda: not kube.stream_open(RES), timeout=WAIT, what="stream ended")
+    assert kube.allocatable(RES) == 0
+    assert kube.capacity(RES) == 2
+    assert any("ended by the kubelet" in event for event in kube.events())
+    with pytest.raises(RuntimeError, match="no open stream"):
+        kube.end_stream(RES)
+    assert len(kube.registrations) == 1  # only a new Register recovers

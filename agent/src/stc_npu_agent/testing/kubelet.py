@@ -369,6 +369,18 @@ class KubeletEmulator:
             self._event(f"register fault: {error}")
             self._notify()
 
+    def end_stream(self, resource: str) -> None:
+        """End the current ListAndWatch stream of ``resource`` from the
+        kubelet's side (it stops the endpoint, as on an internal error):
+        the devices turn unhealthy and, as always, the stream is not reopened."""
+        with self._cond:
+            state = self._resources.get(resource)
+            stream = state.stream if state is not None else None
+            if stream is None or not stream.open:
+                raise RuntimeError(f"no open stream for {resource!r}")
+            self._event(f"stream #{stream.reg_index} {resource} ended by the kubelet")
+        _close_stream(stream)
+
     def events(self) -> list[str]:
         """The emulator's event log (a snapshot), oldest first."""
         with self._cond:
