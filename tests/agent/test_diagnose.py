@@ -101,6 +101,8 @@ def test_the_agents_view_shows_vanished_npus(
     report = json.loads(diagnose(node, kubelet_dir, "--json", "--probe-address", probe).stdout)
     stc3 = next(npu for npu in report["npus"] if npu["id"] == "stc3")
     assert stc3["source"] == "agent"
+    assert stc3["pci"]["address"] == node.bdf(3)  # remembered by the agent
+    assert stc3["pci"]["vendor"] == "0x23e2"
     assert stc3["health"] == "Unhealthy"
     assert "missing stc3" in stc3["reason"]
     assert not any(n["present"] for n in stc3["nodes"])

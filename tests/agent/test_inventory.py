@@ -5,6 +5,7 @@ from __future__ import annotations
 from stc_npu_agent.core.config import DEFAULT_MEMBER_PATTERN, DEFAULT_NPU_PATTERN
 from stc_npu_agent.core.devices import (
     HEALTHY,
+    SETTLING,
     UNHEALTHY,
     Inventory,
     Naming,
@@ -147,3 +148,44 @@ def test_describe_changes_lines() -> None:
         "stc0 Healthy -> Unhealthy (missing stc0)",
         "stc1 appeared: Healthy, NUMA none, 6 nodes",
     ]
+
+
+def test_npus_present_at_the_first_scan_need_no_settle_time() -> None:
+    first = Inventory().updated(npu_nodes(0), NAMING, {}, now=100.0, settle=0.25)
+    assert first.npus["stc0"].healthy
+    assert first.settles_at() is None
+
+
+def test_a_new_npu_is_healthy_only_after_its_nodes_settled() -> None:
+    start = Inventory().updated(npu_nodes(0), NAMING, {}, now=0.0, settle=0.25)
+    # The driver makes stc1's nodes one by one: own node first.
+    partial = start.updated(npu_nodes(0) + npu_nodes(1)[:1], NAMING, {}, now=10.0, settle=0.25)
+    assert partial.npus["stc1"].reason == SETTLING
+    assert not partial.npus["stc1"].healthy
+    assert partial.settles_at() == 10.25
+    # Each new node restarts the wait.
+    more = partial.updated(npu_nodes(0) + npu_nodes(1)[:4], NAMING, {}, now=10.2, settle=0.25)
+    assert not more.npus["stc1"].healthy
+    assert more.settles_at() == 10.45
+    full = more.updated(npu_nodes(0) + npu_nodes(1), NAMING, {}, now=10.3, settle=0.25)
+    assert not full.npus["stc1"].healthy
+    settled = full.updated(npu_nodes(0) + npu_nodes(1), NAMING, {}, now=10.6, settle=0.25)
+    assert settled.npus["stc1"].healthy
+    assert settled.npus["stc1"].present_nodes == tuple(o.name for o in npu_nodes(1))
+    assert settled.settles_at() is None
+
+
+def test_a_known_npu_coming_back_needs_no_settle_time() -> None:
+    start = Inventory().updated(npu_nodes(0), NAMING, {}, now=0.0, settle=0.25)
+    gone = start.updated([], NAMING, {}, now=5.0, settle=0.25)
+    back = gone.updated(npu_nodes(0), NAMING, {}, now=6.0, settle=0.25)
+    assert back.npus["stc0"].healthy
+    assert back.settles_at() is None
+
+
+def test_a_settling_npu_that_loses_a_node_reports_the_loss() -> None:
+    start = Inventory().updated(npu_nodes(0), NAMING, {}, now=0.0, settle=0.25)
+    new = start.updated(npu_nodes(0) + npu_nodes(1), NAMING, {}, now=1.0, settle=0.25)
+    lost = new.updated(npu_nodes(0) + npu_nodes(1)[1:], NAMING, {}, now=1.1, settle=0.25)
+    assert lost.npus["stc1"].reason == "missing stc1"
+    assert lost.settles_at() is None

@@ -152,9 +152,11 @@ class Agent:
         self.naming = naming
         self.scanner = DeviceScanner(dev_dir, sys_dir, naming)
         self.checks = tuple(checks)
-        # Set in run(), which owns the loop.
-        self.state: DeviceState
-        self.watcher: DirectoryWatcher
+        # asyncio objects bind to the loop on first use (Python 3.10+), so
+        # they can be made here, before run() starts the loop; the probes
+        # may read the state from their thread before that.
+        self.state = DeviceState(self.scanner, naming, self.checks)
+        self.watcher: DirectoryWatcher  # needs the loop: made in run()
         self.instance: PluginInstance | None = None
         self.registered = False
         self.registrations = 0
@@ -162,9 +164,9 @@ class Agent:
         self._registered_kubelet: tuple[int, int] | None = None
         # The kubelet.sock last seen: only a different one is "changed".
         self._seen_kubelet: tuple[int, int] | None = None
-        self._stop: asyncio.Event
-        self._reregister: asyncio.Event
-        self._kubelet_changed: asyncio.Event
+        self._stop = asyncio.Event()
+        self._reregister = asyncio.Event()
+        self._kubelet_changed = asyncio.Event()
         self._reason = ""
 
     # --- what the probes read (from another thread: plain attribute reads) ---
@@ -190,6 +192,11 @@ class Agent:
                     "expectedNodes": list(npu.expected_nodes),
                     "presentNodes": list(npu.present_nodes),
                     "numaNode": npu.numa_node,
+                    "pci": {
+                        "address": npu.pci.address,
+                        "vendor": npu.pci.vendor,
+                        "device": npu.pci.device,
+                    },
                 }
                 for npu in self.state.inventory.ordered()
             ],
@@ -246,10 +253,6 @@ class Agent:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self._reregister = asyncio.Event()
-        self._kubelet_changed = asyncio.Event()
-        self.state = DeviceState(self.scanner, self.naming, self.checks)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         log.info("effective config: %s", json.dumps(self.config.to_mapping(), sort_keys=True))

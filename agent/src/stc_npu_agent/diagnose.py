@@ -128,7 +128,9 @@ def _npu_entries(
             expected, present = list(local.expected_nodes), set(local.present_nodes)
         else:
             continue
-        pci = local.pci if local is not None else PciInfo()
+        # The agent remembers the PCI facts of an NPU that vanished.
+        remembered = PciInfo(**seen["pci"]) if seen is not None and "pci" in seen else PciInfo()
+        pci = local.pci if local is not None else remembered
         entries.append(
             {
                 "id": device_id,

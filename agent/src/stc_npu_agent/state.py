@@ -16,6 +16,10 @@ from stc_npu_agent.discovery import DeviceScanner
 
 log = logging.getLogger(__name__)
 
+# How long a new NPU must go without a new node before it is Healthy: the
+# driver makes an NPU's nodes within milliseconds of each other.
+SETTLE_SECONDS = 0.25
+
 KubeletView = tuple[tuple[str, str, int | None], ...]
 
 
@@ -43,7 +47,14 @@ class DeviceState:
         self.rescans += 1
         observations, pci = self.scanner.scan()
         before = self.inventory
-        self.inventory = before.updated(observations, self.naming, pci, self.checks)
+        loop = asyncio.get_running_loop()
+        self.inventory = before.updated(
+            observations, self.naming, pci, self.checks, now=loop.time(), settle=SETTLE_SECONDS
+        )
+        settles_at = self.inventory.settles_at()
+        if settles_at is not None:
+            # Look again when a new NPU's settle time is over.
+            loop.call_at(settles_at, self.schedule_rescan)
         for line in describe_changes(before, self.inventory):
             log.info("device %s", line)
         view = kubelet_view(self.inventory)

@@ -13,6 +13,12 @@ Rules, and why:
   of them, or whose node is no longer a character device (replaced by a file
   or a symlink), is Unhealthy; when they are all back it is Healthy again.
   Health always follows the present state: it is never sticky.
+- A new NPU's nodes appear one by one (the driver makes them in turn), and
+  nothing says how many there will be. So an NPU that appears after the first
+  scan, and has never been Healthy, waits until no new node of it has come
+  for a settle time before it is Healthy: a container must never get a
+  partial set. NPUs present at the first scan, and NPUs coming back whose
+  nodes are known, need no wait.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ class Npu:
     pci: PciInfo = field(default_factory=PciInfo)
     healthy: bool = False
     reason: str = ""  # why it is Unhealthy; empty when Healthy
+    ever_healthy: bool = False  # then expected_nodes is complete
+    # A new NPU is not Healthy before this time (the clock the caller uses).
+    settling_until: float = 0.0
 
     @property
     def health(self) -> str:
@@ -117,6 +126,9 @@ class Inventory:
     """All NPUs known, keyed by ID. Immutable: updates return a new one."""
 
     npus: Mapping[str, Npu] = field(default_factory=dict)
+    # False only before the first scan: what that scan finds was there before
+    # the agent, so it needs no settle time.
+    scanned: bool = False
 
     def get(self, npu_id: str) -> Npu | None:
         return self.npus.get(npu_id)
@@ -133,10 +145,15 @@ class Inventory:
         naming: Naming,
         pci: Mapping[str, PciInfo],
         checks: Sequence[HealthCheck] = (),
+        *,
+        now: float = 0.0,
+        settle: float = 0.0,
     ) -> Inventory:
         """The inventory after a full scan of the device directory.
 
         ``pci`` maps NPU IDs to what sysfs said (missing: keep what we knew).
+        ``now`` is the caller's clock, ``settle`` how long a new NPU must go
+        without a new node before it is Healthy (see the module docstring).
         """
         own_nodes: dict[int, NodeObservation] = {}
         members: dict[int, list[NodeObservation]] = {}
@@ -167,19 +184,36 @@ class Inventory:
                 for name in expected
                 if name in seen and seen[name].kind is NodeKind.CHAR_DEVICE
             )
+            ever_healthy = previous.ever_healthy if previous else False
+            settling_until = previous.settling_until if previous else 0.0
+            grew = previous is None or len(expected) > len(previous.expected_nodes)
+            if self.scanned and grew and not ever_healthy:
+                settling_until = now + settle
             npu = Npu(
                 id=npu_id,
                 index=index,
                 expected_nodes=expected,
                 present_nodes=present,
                 pci=pci.get(npu_id, previous.pci if previous else PciInfo()),
+                ever_healthy=ever_healthy,
+                settling_until=settling_until,
             )
-            result[npu_id] = _judge(npu, seen, checks)
-        return Inventory(result)
+            result[npu_id] = _judge(npu, seen, checks, now)
+        return Inventory(result, scanned=True)
+
+    def settles_at(self) -> float | None:
+        """When the first settling NPU may turn Healthy (None: none settling)."""
+        waiting = [npu.settling_until for npu in self.npus.values() if npu.reason == SETTLING]
+        return min(waiting) if waiting else None
 
 
-def _judge(npu: Npu, seen: Mapping[str, NodeObservation], checks: Sequence[HealthCheck]) -> Npu:
-    """Health from presence first, then from each extra check in order."""
+SETTLING = "new NPU, waiting for all its nodes"
+
+
+def _judge(
+    npu: Npu, seen: Mapping[str, NodeObservation], checks: Sequence[HealthCheck], now: float
+) -> Npu:
+    """Health from presence first, then the settle time, then each extra check."""
     missing = [name for name in npu.expected_nodes if name not in seen]
     not_char = [
         name for name in npu.expected_nodes if name in seen and name not in npu.present_nodes
@@ -189,13 +223,21 @@ def _judge(npu: Npu, seen: Mapping[str, NodeObservation], checks: Sequence[Healt
         problems.append(f"missing {', '.join(missing)}")
     if not_char:
         problems.append(f"not a character device: {', '.join(not_char)}")
+    if not problems and not npu.ever_healthy and now < npu.settling_until:
+        problems.append(SETTLING)
     if not problems:
         for check in checks:
             problem = check.problem(npu)
             if problem:
                 problems.append(problem)
                 break
-    return replace(npu, healthy=not problems, reason="; ".join(problems))
+    healthy = not problems
+    return replace(
+        npu,
+        healthy=healthy,
+        reason="; ".join(problems),
+        ever_healthy=npu.ever_healthy or healthy,
+    )
 
 
 def describe_changes(before: Inventory, after: Inventory) -> list[str]:
