@@ -90,12 +90,19 @@ def start_agent(tmp_path: Path, node: SimNode, kubelet_dir: Path) -> Iterator[Ag
 
     def start(
         config: dict[str, object] | str | None = None,
+        *,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         kubelet_dir_override: Path | None = None,
+        prefix: Sequence[str] = (),
+        config_path: Path | None = None,
     ) -> AgentProcess:
+        """The agent process; ``config`` is written to a file, ``config_path``
+        is passed as is (it may be anything: a directory, a missing file);
+        ``prefix`` is a wrapper command (setpriv, unshare, ...)."""
         number = len(started)
         args = [
+            *prefix,
             sys.executable, "-m", "stc_npu_agent",
             "--kubelet-dir", str(kubelet_dir_override or kubelet_dir),
             "--dev-dir", str(node.dev_dir),
@@ -106,6 +113,8 @@ def start_agent(tmp_path: Path, node: SimNode, kubelet_dir: Path) -> Iterator[Ag
             config_path = tmp_path / f"config-{number}.yaml"
             text = config if isinstance(config, str) else yaml.safe_dump(config)
             config_path.write_text(text)
+            args += ["--config", str(config_path)]
+        elif config_path is not None:
             args += ["--config", str(config_path)]
         log_path = tmp_path / f"agent-{number}.log"
         with log_path.open("wb") as log_file:

@@ -20,7 +20,6 @@ from stc_npu_agent.testing.simnode import SimNode
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 from tests.agent.conftest import RESOURCE, AgentFactory
 
-from .conftest import WrappedFactory
 from .kit import DEVICE_PATH, own_sockets
 
 WAIT = 20.0
@@ -67,11 +66,11 @@ def test_bad_config_exits_2_and_starts_nothing(  # noqa: PLR0917  (fixtures)
     tmp_path: Path,
     kubelet: KubeletEmulator,
     kubelet_dir: Path,
-    start_wrapped: WrappedFactory,
+    start_agent: AgentFactory,
 ) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(text)
-    agent = start_wrapped(config_path=config)
+    agent = start_agent(config_path=config)
     assert_refused_before_start(agent.log() if agent.process.wait(WAIT) else "", 2, message)
     assert agent.process.returncode == 2
     assert kubelet.registrations == []  # no Register seen
@@ -79,9 +78,9 @@ def test_bad_config_exits_2_and_starts_nothing(  # noqa: PLR0917  (fixtures)
 
 
 def test_config_that_is_a_directory(
-    tmp_path: Path, kubelet: KubeletEmulator, kubelet_dir: Path, start_wrapped: WrappedFactory
+    tmp_path: Path, kubelet: KubeletEmulator, kubelet_dir: Path, start_agent: AgentFactory
 ) -> None:
-    agent = start_wrapped(config_path=tmp_path)
+    agent = start_agent(config_path=tmp_path)
     code = agent.process.wait(WAIT)
     assert_refused_before_start(agent.log(), code, "is a directory, expected a YAML file")
     assert kubelet.registrations == []

@@ -18,7 +18,6 @@ from stc_npu_agent.testing.kubelet import KubeletEmulator
 from stc_npu_agent.testing.simnode import SimNode
 from tests.agent.conftest import RESOURCE, AgentFactory
 
-from .conftest import WrappedFactory
 from .kit import DEVICE_PATH, inet_inodes, own_sockets, socket_inodes
 
 WAIT = 30.0
@@ -190,13 +189,13 @@ def test_without_inotify_falls_back_to_periodic_checks(
     error: str,
     kubelet: KubeletEmulator,
     node: SimNode,
-    start_wrapped: WrappedFactory,
+    start_agent: AgentFactory,
 ) -> None:
     """Real inotify exhaustion, contained: the agent runs in a private user
     namespace whose own inotify limit is 0 (the machine's limit is untouched)."""
     set_limit = f'echo 0 > /proc/sys/user/{limit} && exec "$@"'
     wrapper = ["unshare", "--user", "--map-root-user", "sh", "-c", set_limit, "sh"]
-    agent = start_wrapped(prefix=wrapper)
+    agent = start_agent(prefix=wrapper)
     first = kubelet.wait_registered(RESOURCE, timeout=WAIT)
     agent.wait_log("inotify unavailable", timeout=WAIT)
     assert error in agent.log()

@@ -13,7 +13,6 @@ from pathlib import Path
 from stc_npu_agent.testing.kubelet import KubeletEmulator
 from tests.agent.conftest import RESOURCE, AgentFactory
 
-from .conftest import WrappedFactory
 from .kit import own_sockets
 
 WAIT = 40.0
@@ -58,13 +57,13 @@ def test_plugin_dir_deleted_and_made_again(
 
 
 def test_plugin_dir_unwritable(
-    kubelet: KubeletEmulator, kubelet_dir: Path, start_wrapped: WrappedFactory
+    kubelet: KubeletEmulator, kubelet_dir: Path, start_agent: AgentFactory
 ) -> None:
     # As root the agent would write anyway: run it without the capabilities
     # that bypass file permissions (what a non-root agent would meet).
     drop = "-dac_override,-dac_read_search,-fowner"
     kubelet_dir.chmod(0o555)
-    agent = start_wrapped(prefix=["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"])
+    agent = start_agent(prefix=["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"])
     agent.wait_log("registration failed:", timeout=WAIT)
     agent.wait_log("is not writable (permission denied)", timeout=WAIT)
     time.sleep(2.0)  # the fault persists a while: still running, still retrying

@@ -133,6 +133,10 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC core logs connection details (GOAWAY on every kubelet restart) at
+    # info level on its own; the agent says what matters in its own lines.
+    # Set before grpc is imported; an operator's GRPC_VERBOSITY still wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     parser = build_parser()
     args = parser.parse_args(argv)
     # Environment values bypass argparse's own choices check: check them here.
