@@ -336,3 +336,14 @@ def test_stream_ended_by_the_kubelet_re_registers(
     assert second.endpoint != first.endpoint
     agent.wait_log("re-registering: the kubelet ended the ListAndWatch stream")
     kubelet.wait_until(lambda: kubelet.allocatable(RESOURCE) == 4, what="all back")
+
+
+def test_kubelet_socket_metadata_change_is_not_a_restart(
+    kubelet: KubeletEmulator, kubelet_dir: Path, start_agent: AgentFactory
+) -> None:
+    agent = start_agent()
+    kubelet.wait_registered(RESOURCE)
+    (kubelet_dir / "kubelet.sock").chmod(0o600)  # e.g. a node hardening job
+    time.sleep(2.5)  # more than two ticks of the agent's periodic check
+    assert len(kubelet.registrations) == 1
+    assert "re-registering" not in agent.log()

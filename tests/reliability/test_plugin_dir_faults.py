@@ -34,7 +34,9 @@ def test_plugin_dir_deleted_and_made_again(
     registered_fully(kubelet, 0)
     # While the kubelet runs (its socket goes with the dir), then a restart.
     shutil.rmtree(kubelet_dir)
-    agent.wait_log(f"{'kubelet.sock'} was removed (kubelet stopped)", timeout=WAIT)
+    # rmtree deletes our socket and kubelet.sock in directory order, and the
+    # agent may see either loss first: both mean "register again".
+    agent.wait_log("re-registering: ", timeout=WAIT)
     after = len(kubelet.registrations)
     kubelet.restart()
     registered_fully(kubelet, after)

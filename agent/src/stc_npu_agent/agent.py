@@ -62,14 +62,16 @@ MAX_UNIX_PATH = 107
 
 
 def socket_identity(path: Path) -> tuple[int, int] | None:
-    """(inode, ctime) of a socket file: a new file differs even on inode reuse."""
+    """(inode, mtime) of a socket file: a new file differs even when the file
+    system reuses the inode number. Not ctime: a chmod or chown of the same
+    socket changes it, and would look like a kubelet restart."""
     try:
         info = path.stat()
     except OSError:
         return None
     if not stat.S_ISSOCK(info.st_mode):
         return None
-    return (info.st_ino, info.st_ctime_ns)
+    return (info.st_ino, info.st_mtime_ns)
 
 
 def socket_refuses(path: Path) -> bool:
