@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -69,7 +70,7 @@ def test_unknown_path_is_404(served: tuple[Target, int]) -> None:
 
 @pytest.mark.parametrize(
     ("address", "expected"),
-    [("0.0.0.0:8081", ("0.0.0.0", 8081)), (":9000", ("0.0.0.0", 9000)), ("[::1]:80", ("::1", 80))],
+    [("0.0.0.0:8081", ("0.0.0.0", 8081)), (":9000", ("", 9000)), ("[::1]:80", ("::1", 80))],
 )
 def test_parse_address(address: str, expected: tuple[str, int]) -> None:
     assert parse_address(address) == expected
@@ -79,3 +80,16 @@ def test_parse_address(address: str, expected: tuple[str, int]) -> None:
 def test_parse_address_refuses(address: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_address(address)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_empty_host_listens_on_ipv4_and_ipv6(host: str) -> None:
+    target = Target()
+    server = ProbeServer(":0", target)
+    server.start()
+    try:
+        with socket.create_connection((host, server.port), timeout=5) as connection:
+            connection.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            assert connection.recv(64).startswith(b"HTTP/1.0 200")
+    finally:
+        server.stop()

@@ -92,7 +92,7 @@ def _intended(values: dict[str, Any]) -> dict[str, str | None]:
         "log_level": values["logLevel"],
         "log_format": values["logFormat"],
         "hpe_dir": "/host/hpe" if values["hpe"]["mode"] == "mapped" else None,
-        "probe_address": f"0.0.0.0:{values['probes']['port']}",
+        "probe_address": f":{values['probes']['port']}",
     }
 
 

@@ -138,7 +138,7 @@ CASES = [
         "probes.port",
         {"probes": {"port": 9101}},
         {
-            f"{C}.env.5.value": "0.0.0.0:9101",  # STC_NPU_PROBE_ADDRESS
+            f"{C}.env.5.value": ":9101",  # STC_NPU_PROBE_ADDRESS
             f"{C}.ports.0.containerPort": 9101,
         },
     ),
@@ -391,7 +391,7 @@ def test_agent_env_points_at_the_mounts(default: Render) -> None:
     assert env["STC_NPU_DEV_DIR"] == mounts["host-dev"]
     assert env["STC_NPU_CONFIG"] == mounts["config"] + "/config.yaml"
     assert "config.yaml" in default.kind("ConfigMap")["data"]
-    assert env["STC_NPU_PROBE_ADDRESS"] == "0.0.0.0:8081"
+    assert env["STC_NPU_PROBE_ADDRESS"] == ":8081"
     assert env["STC_NPU_HPE_DIR"] == mounts["host-hpe"]
 
 

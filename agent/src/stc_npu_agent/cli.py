@@ -59,7 +59,8 @@ FLAGS = (
         "probe-address",
         "STC_NPU_PROBE_ADDRESS",
         None,
-        "HOST:PORT for the HTTP probes /healthz and /readyz (off unless set)",
+        "HOST:PORT for the HTTP probes /healthz, /readyz and /status; ':PORT' listens on "
+        "every IPv4 and IPv6 address (off unless set)",
     ),
 )
 

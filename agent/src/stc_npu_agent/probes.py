@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,17 +31,44 @@ class ProbeTarget(Protocol):
 
 
 def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) of HOST:PORT; an empty host means every address."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"probe address must be HOST:PORT, got {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (kubelet probes the pod IP)
+    return host.strip("[]"), int(port)
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _DualStackServer(_IPv6Server):
+    """Listens on :: for IPv6 and, through mapped addresses, IPv4 too."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    # The kubelet probes the pod IP, which is IPv6 in an IPv6-only cluster:
+    # an empty host listens on both families where the node has IPv6, and
+    # on IPv4 alone where it does not.
+    if not host:
+        try:
+            return _DualStackServer(("::", port), handler)
+        except OSError:
+            return ThreadingHTTPServer(("0.0.0.0", port), handler)  # noqa: S104 (see above)
+    if ":" in host:
+        return _IPv6Server((host, port), handler)
+    return ThreadingHTTPServer((host, port), handler)
 
 
 class ProbeServer:
     def __init__(self, address: str, target: ProbeTarget) -> None:
         self.target = target
         host, port = parse_address(address)
-        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server = _listen(host, port, self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="probes", daemon=True
@@ -80,7 +108,9 @@ class ProbeServer:
 
     def start(self) -> None:
         self._thread.start()
-        log.info("probes on http://%s:%d (/healthz, /readyz)", *self._server.server_address[:2])
+        host, port = str(self._server.server_address[0]), self.port
+        shown = f"[{host}]" if ":" in host else host
+        log.info("probes on http://%s:%d (/healthz, /readyz, /status)", shown, port)
 
     def stop(self) -> None:
         self._server.shutdown()

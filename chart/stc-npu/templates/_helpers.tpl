@@ -104,7 +104,7 @@ names; the agent keeps its default for STC_NPU_SYS_DIR (the container's /sys).
 - name: STC_NPU_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
 - name: STC_NPU_PROBE_ADDRESS
-  value: {{ printf "0.0.0.0:%d" (int .Values.probes.port) | quote }}
+  value: {{ printf ":%d" (int .Values.probes.port) | quote }}
 {{- if eq .Values.hpe.mode "mapped" }}
 - name: STC_NPU_HPE_DIR
   value: {{ include "stc-npu.hostHpeMount" . | quote }}
