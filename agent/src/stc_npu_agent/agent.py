@@ -74,17 +74,20 @@ def socket_identity(path: Path) -> tuple[int, int] | None:
     return (info.st_ino, info.st_mtime_ns)
 
 
-def socket_refuses(path: Path) -> bool:
-    """True when nothing listens on the unix socket at ``path``."""
+def unix_socket_state(path: Path) -> str:
+    """'answers' (something accepts connections), 'refuses' (a stale socket),
+    'missing', or 'unreachable' (any other error, e.g. a full backlog)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(0.5)
         probe.connect(str(path))
     except OSError as error:
-        return error.errno in (errno.ECONNREFUSED, errno.ENOENT)
+        if error.errno == errno.ENOENT:
+            return "missing"
+        return "refuses" if error.errno == errno.ECONNREFUSED else "unreachable"
     finally:
         probe.close()
-    return False
+    return "answers"
 
 
 class PluginInstance:
@@ -420,7 +423,7 @@ class Agent:
         for entry in entries:
             if entry.name.startswith(SOCKET_PREFIX) and entry.name.endswith(SOCKET_SUFFIX):
                 path = Path(entry.path)
-                if socket_refuses(path):
+                if unix_socket_state(path) in ("refuses", "missing"):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                         log.info("removed stale socket %s", entry.name)

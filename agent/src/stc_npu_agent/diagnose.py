@@ -9,7 +9,6 @@ the running agent: closing it would look like the kubelet leaving.
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -20,15 +19,15 @@ from typing import Any
 import grpc
 
 from stc_npu_agent import __version__
+from stc_npu_agent.agent import KUBELET_SOCKET, SOCKET_PREFIX, unix_socket_state
 from stc_npu_agent.core.allocation import AllocationError, plan_allocation
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import Inventory, Naming, PciInfo
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
+from stc_npu_agent.probes import parse_address
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 
 STC_PCI_VENDOR = "0x23e2"
-KUBELET_SOCKET = "kubelet.sock"
-OWN_SOCKET_PREFIX = "stc-npu."
 
 
 @dataclass(frozen=True)
@@ -38,21 +37,6 @@ class Paths:
     sys_dir: Path
     hpe_dir: Path  # where this process sees the host's hpe.hostPath
     probe_address: str | None
-
-
-def _unix_socket_state(path: Path) -> str:
-    """'missing', 'answers' (something accepts connections) or 'refuses' (stale)."""
-    if not path.exists():
-        return "missing"
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except OSError:
-        return "refuses"
-    finally:
-        probe.close()
-    return "answers"
 
 
 def _plugin_options(path: Path) -> dict[str, bool] | None:
@@ -73,11 +57,10 @@ def _agent_status(probe_address: str | None) -> tuple[dict[str, Any] | None, str
     """The running agent's own view from its /status endpoint, and where it came from."""
     if not probe_address:
         return None, "no probe address configured (--probe-address)"
-    host, _, port = probe_address.rpartition(":")
-    host = host.strip("[]")
+    host, port = parse_address(probe_address)
     if host in ("", "0.0.0.0", "::"):  # noqa: S104 (a bind-all address is reached locally)
         host = "127.0.0.1"
-    url = f"http://{host}:{port}/status"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/status"
     try:
         with urllib.request.urlopen(url, timeout=2.0) as response:
             status: dict[str, Any] = json.loads(response.read())
@@ -172,14 +155,14 @@ def collect(paths: Paths, config: Config, allocate: Sequence[str] = ()) -> dict[
         if vendor is not None and vendor != STC_PCI_VENDOR:
             problems.append(f"{entry['id']}: PCI vendor {vendor} is not {STC_PCI_VENDOR}")
 
-    kubelet_state = _unix_socket_state(paths.kubelet_dir / KUBELET_SOCKET)
+    kubelet_state = unix_socket_state(paths.kubelet_dir / KUBELET_SOCKET)
     if kubelet_state != "answers":
         problems.append(f"{KUBELET_SOCKET} in {paths.kubelet_dir}: {kubelet_state}")
     own = []
     if paths.kubelet_dir.is_dir():
         for path in sorted(paths.kubelet_dir.iterdir()):
-            if path.name.startswith(OWN_SOCKET_PREFIX):
-                state = _unix_socket_state(path)
+            if path.name.startswith(SOCKET_PREFIX):
+                state = unix_socket_state(path)
                 own.append(
                     {
                         "name": path.name,
