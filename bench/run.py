@@ -21,8 +21,12 @@ import os
 import platform
 import random
 import re
+import resource
+import select
 import shutil
 import signal
+import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -293,6 +297,8 @@ def start_agent(
     log_path: Path,
     log_level: str = "info",
     env: Mapping[str, str] | None = None,
+    *,
+    extra_args: Sequence[str] = (),
 ) -> AgentProcess:
     args = [
         sys.executable, "-m", "stc_npu_agent",
@@ -300,6 +306,7 @@ def start_agent(
         "--dev-dir", str(node.dev_dir),
         "--sys-dir", str(node.sys_dir),
         "--log-level", log_level,
+        *extra_args,
     ]  # fmt: skip
     with log_path.open("ab") as log_file:
         started = time.monotonic()
@@ -437,10 +444,16 @@ class Bench:
         return emulator
 
     def agent(
-        self, kubelet: KubeletEmulator, node: SimNode, log_level: str = "info"
+        self,
+        kubelet: KubeletEmulator,
+        node: SimNode,
+        log_level: str = "info",
+        extra_args: Sequence[str] = (),
     ) -> AgentProcess:
         name = f"agent-{len(self.agents)}.log"
-        agent = start_agent(kubelet.plugin_dir, node, self.root / name, log_level, self.env)
+        agent = start_agent(
+            kubelet.plugin_dir, node, self.root / name, log_level, self.env, extra_args=extra_args
+        )
         self.agents.append(agent)
         return agent
 
@@ -1141,8 +1154,245 @@ class Bench:
         self.add(Result("scale_rss_after_start_mb", "64 NPUs: RSS after start", "MB", rss))
 
 
+# --- cost and exposure: a busy /dev, a flood of idle probe connections -------
+
+
+@dataclass(frozen=True)
+class ExposurePlan:
+    noise_seconds: float  # agent CPU measured this long, without and with the noise
+    noise_rate: int  # open+close per second of a node that is not an NPU
+    noise_unplugs: int  # unplug -> Unhealthy samples while the noise goes on
+    idle_connections: int  # held open to the probe port, never sending a byte
+    healthz_calls: int  # /healthz answers timed, before and during the flood
+
+
+EXPOSURE_FULL = ExposurePlan(
+    noise_seconds=20.0, noise_rate=1000, noise_unplugs=20, idle_connections=1000, healthz_calls=50
+)
+EXPOSURE_QUICK = ExposurePlan(
+    noise_seconds=1.0, noise_rate=1000, noise_unplugs=2, idle_connections=100, healthz_calls=5
+)
+
+
+def open_close_noise(path: Path, rate: int, stop: threading.Event, counter: list[int]) -> None:
+    """Open and close ``path`` ``rate`` times a second (paced, catching up
+    after a late wake-up) until ``stop``; the count goes to ``counter[0]``."""
+    interval = 1 / rate
+    next_at = time.monotonic()
+    while not stop.is_set():
+        now = time.monotonic()
+        if now < next_at:
+            time.sleep(next_at - now)
+        os.close(os.open(path, os.O_RDONLY))
+        counter[0] += 1
+        next_at += interval
+
+
+def cpu_percent_over(agent: AgentProcess, seconds: float) -> tuple[float, float]:
+    """(agent CPU % of one core, its context switches per second) over ``seconds``."""
+    cpu0, ctx0, began = cpu_seconds(agent.pid), context_switches(agent.pid), time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - began
+    cpu, switches = cpu_seconds(agent.pid) - cpu0, context_switches(agent.pid) - ctx0
+    return cpu / elapsed * 100, switches / elapsed
+
+
+def dev_noise(bench: Bench, plan: ExposurePlan) -> None:
+    """Agent CPU while a node in its /dev that is not an NPU (a /dev/null) is
+    opened and closed ~1000 times a second, and unplug -> Unhealthy meanwhile."""
+    node = SimNode(bench.root / "node-noise")
+    for index in range(MAIN_NPUS):
+        node.add_npu(index, numa_node=index // 4)
+    null = node.dev_dir / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    kubelet = bench.kubelet("kubelet-noise")
+    agent = bench.agent(kubelet, node)
+    ids = [f"stc{i}" for i in range(MAIN_NPUS)]
+    kubelet.wait_registered(RESOURCE, timeout=WAIT)
+    wait_devices(kubelet, lambda d: healthy(d, ids), "8 NPUs healthy")
+    time.sleep(1.0)
+    quiet_cpu, quiet_wakeups = cpu_percent_over(agent, plan.noise_seconds)
+    stop, counter = threading.Event(), [0]
+    noise = threading.Thread(
+        target=open_close_noise, args=(null, plan.noise_rate, stop, counter), daemon=True
+    )
+    began = time.monotonic()
+    noise.start()
+    try:
+        noisy_cpu, noisy_wakeups = cpu_percent_over(agent, plan.noise_seconds)
+        rate = counter[0] / (time.monotonic() - began)
+        down = []
+        for k in range(plan.noise_unplugs):
+            index = k % MAIN_NPUS
+            time.sleep(0.02)
+            latency, _ = bench._health_change(
+                kubelet, partial(node.unplug, index), f"stc{index}", UNHEALTHY
+            )
+            down.append(latency)
+            node.replug(index)
+            wait_devices(kubelet, lambda d: healthy(d, ids), "8 NPUs healthy again")
+    finally:
+        stop.set()
+        noise.join(10)
+    bench.add(
+        Result(
+            "dev_noise_cpu_percent",
+            f"agent CPU, /dev/null opened+closed {plan.noise_rate}/s, % of a core",
+            "%",
+            [noisy_cpu],
+            target="<= 1 %",
+            target_max=1.0,
+            extra={
+                "seconds": plan.noise_seconds,
+                "open_close_per_s": rate,
+                "quiet_cpu_percent": quiet_cpu,
+                "wakeups_per_s": noisy_wakeups,
+                "quiet_wakeups_per_s": quiet_wakeups,
+            },
+        )
+    )
+    bench.add(
+        Result(
+            "dev_noise_unplug_to_unhealthy_ms",
+            "unplug -> Unhealthy while /dev/null is opened+closed",
+            "ms",
+            down,
+        )
+    )
+
+
+IDLE_BATCH = 4  # within any listen backlog (socketserver's is 5)
+
+
+def healthz_ms(port: int) -> float:
+    """One GET /healthz on a new connection, as the kubelet makes it; ms to the answer."""
+    began = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as connection:
+        connection.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(4096):
+            answer += chunk
+    elapsed = (time.perf_counter() - began) * 1000
+    if not answer.startswith(b"HTTP/1.0 200"):
+        raise RuntimeError(f"/healthz did not answer 200: {answer[:80]!r}")
+    return elapsed
+
+
+def open_idle_connections(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections to the port that never send a byte. Made a few
+    at a time, each few once the last are up: a burst beyond the server's
+    listen backlog would leave most of them established on this side only
+    (SYN cookies), never reaching the server at all."""
+    held: list[socket.socket] = []
+    while len(held) < count:
+        deadline = time.monotonic() + WAIT
+        batch = []
+        for _ in range(min(IDLE_BATCH, count - len(held))):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            batch.append(sock)
+        held += batch
+        poller = select.poll()
+        for sock in batch:
+            poller.register(sock, select.POLLOUT)
+        waiting = {sock.fileno() for sock in batch}
+        while waiting:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"connection {len(held)} of {count} never connected")
+            for fd, _ in poller.poll(1000):
+                poller.unregister(fd)
+                waiting.discard(fd)
+        time.sleep(0.002)  # the server takes them in
+    return held
+
+
+def settled_status(pid: int) -> dict[str, int]:
+    """``proc_status`` once the thread count held still for a second: the
+    agent took in (or dropped) every connection it is going to."""
+    status, since = proc_status(pid), time.monotonic()
+    deadline = since + WAIT
+    while time.monotonic() - since < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = proc_status(pid)
+        if now["Threads"] != status["Threads"]:
+            since = time.monotonic()
+        status = now
+    return status
+
+
+def probe_flood(bench: Bench, plan: ExposurePlan) -> None:
+    """Threads, RSS and /healthz latency of the agent while ``idle_connections``
+    connections to its probe port sit idle (any pod on the node can do that)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Room for the flood in this process (the agent inherits it, so its own
+    # fd limit is not what is measured).
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    node = SimNode(bench.root / "node-flood")
+    for index in range(MAIN_NPUS):
+        node.add_npu(index, numa_node=index // 4)
+    kubelet = bench.kubelet("kubelet-flood")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    agent = bench.agent(kubelet, node, extra_args=["--probe-address", f"127.0.0.1:{port}"])
+    kubelet.wait_registered(RESOURCE, timeout=WAIT)
+    time.sleep(1.0)
+    quiet = [healthz_ms(port) for _ in range(plan.healthz_calls)]
+    before = proc_status(agent.pid)
+    idle = open_idle_connections(port, plan.idle_connections)
+    try:
+        during = settled_status(agent.pid)
+        flooded = [healthz_ms(port) for _ in range(plan.healthz_calls)]
+        held_fds = len(os.listdir(f"/proc/{agent.pid}/fd"))
+    finally:
+        for sock in idle:
+            sock.close()
+    extra = {
+        "idle_connections": plan.idle_connections,
+        "threads_before": before["Threads"],
+        "threads_during": during["Threads"],
+        "rss_mb_before": before["VmRSS"] / 1024,
+        "rss_mb_during": during["VmRSS"] / 1024,
+        "agent_fds_during": held_fds,
+        "healthz_ms_without_flood_median": statistics.median(quiet),
+    }
+    bench.add(
+        Result(
+            "probe_flood_threads",
+            f"agent threads added by {plan.idle_connections} idle probe connections",
+            "threads",
+            [float(during["Threads"] - before["Threads"])],
+            target="<= 10",
+            target_max=10,
+            extra=extra,
+        )
+    )
+    bench.add(
+        Result(
+            "probe_flood_rss_mb",
+            f"agent RSS added by {plan.idle_connections} idle probe connections",
+            "MB",
+            [(during["VmRSS"] - before["VmRSS"]) / 1024],
+            target="<= 5 MB",
+            target_max=5,
+        )
+    )
+    bench.add(
+        Result(
+            "probe_flood_healthz_ms",
+            f"/healthz on a new connection, {plan.idle_connections} idle ones held",
+            "ms",
+            flooded,
+            target="< 100 (max)",
+            target_stat="max",
+            target_max=100,
+        )
+    )
+
+
 MAX_ROTATE = MAIN_NPUS
-PHASES = ("main", "quiet", "cold", "plug", "scale")
+PHASES = ("main", "quiet", "cold", "plug", "scale", "devnoise", "probeflood")
 
 
 def list_size(devices: Mapping[str, Device]) -> int:
@@ -1180,6 +1430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = {**image_env(), **dict(item.split("=", 1) for item in args.agent_env)}
     phases = args.only or list(PHASES)
     plan = QUICK if args.quick else FULL
+    exposure = EXPOSURE_QUICK if args.quick else EXPOSURE_FULL
     if os.geteuid() != 0:
         print("bench: needs root (the simulated node makes device nodes with mknod)")
         return 1
@@ -1194,12 +1445,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(plan, root, results, env)
     began = time.monotonic()
     try:
-        steps = {
+        steps: dict[str, Callable[[], None]] = {
             "main": bench.main_node,
             "quiet": lambda: bench.allocate_quiet(root / "node-quiet"),
             "cold": bench.cold_start,
             "plug": bench.plug_new,
             "scale": bench.scale,
+            "devnoise": lambda: dev_noise(bench, exposure),
+            "probeflood": lambda: probe_flood(bench, exposure),
         }
         for phase in phases:
             print(f"[{phase}]", flush=True)
@@ -1213,6 +1466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     document = {
         "machine": info,
         "plan": plan.__dict__,
+        "exposure_plan": exposure.__dict__,
         "phases": phases,
         "agent_env": env,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
