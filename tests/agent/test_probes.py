@@ -7,7 +7,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -21,6 +21,9 @@ class Target:
 
     def status(self) -> dict[str, object]:
         return {"registered": self.ready, "npus": []}
+
+    def allocation(self, ids: Sequence[str]) -> dict[str, object]:
+        return {"envs": {"STC_NPU_DEVICES": ",".join(ids)}}
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -93,3 +96,10 @@ def test_empty_host_listens_on_ipv4_and_ipv6(host: str) -> None:
             assert connection.recv(64).startswith(b"HTTP/1.0 200")
     finally:
         server.stop()
+
+
+def test_allocate_answers_for_the_ids_asked(served: tuple[Target, int]) -> None:
+    _, port = served
+    code, body = get(port, "/allocate?id=stc0&id=stc2")
+    assert code == 200
+    assert json.loads(body) == {"envs": {"STC_NPU_DEVICES": "stc0,stc2"}}

@@ -11,61 +11,68 @@ import stat
 from pathlib import Path
 
 from stc_npu_agent.core.config import Config
-from stc_npu_agent.core.devices import Naming, NodeKind, NodeObservation, PciInfo
+from stc_npu_agent.core.devices import DeviceRules, NodeKind, NodeObservation, PciInfo
 
 log = logging.getLogger(__name__)
 
 
 class DeviceScanner:
-    def __init__(self, dev_dir: str | Path, sys_dir: str | Path, naming: Naming) -> None:
+    def __init__(self, dev_dir: str | Path, sys_dir: str | Path, rules: DeviceRules) -> None:
         self.dev_dir = Path(dev_dir)
         self.sys_dir = Path(sys_dir)
-        self.naming = naming
-        # sysfs is read once per (node, device number): a driver reload that
-        # renumbers the device is read again, a steady device is not.
-        self._pci_cache: dict[tuple[str, tuple[int, int]], PciInfo] = {}
+        self.rules = rules
+        # Entries whose scan raised, named once each (see scan()).
+        self._failed: set[str] = set()
 
-    def scan(self) -> tuple[list[NodeObservation], dict[str, PciInfo]]:
-        """Matching nodes in the device dir, and PCI info for NPUs' own nodes.
+    def scan(self) -> list[NodeObservation]:
+        """Every node in the device dir whose name matches, with what sysfs
+        says is behind it.
 
         A missing or unreadable device dir is an empty scan (every known NPU
-        turns Unhealthy), never an exception: the agent keeps serving.
+        turns Unhealthy), never an exception: the agent keeps serving. Each
+        entry stands alone: one that cannot be read is absent, and even an
+        unforeseen error in one entry costs only that entry.
         """
-        observations: list[NodeObservation] = []
-        pci: dict[str, PciInfo] = {}
         try:
             entries = list(os.scandir(self.dev_dir))
         except OSError as error:
             log.debug("cannot list %s: %s", self.dev_dir, error)
-            return observations, pci
+            return []
+        observations: list[NodeObservation] = []
         for entry in entries:
-            classified = self.naming.classify(entry.name)
-            if classified is None:
+            try:
+                observation = self._observe(entry)
+            except Exception:  # one odd entry must not hide the NPUs
+                if entry.name not in self._failed:
+                    self._failed.add(entry.name)
+                    log.exception("skipping %s in %s", entry.name, self.dev_dir)
                 continue
-            observation = _observe(entry)
-            if observation is None:
-                continue
-            observations.append(observation)
-            if classified[1] and observation.rdev is not None:
-                pci[entry.name] = self.pci_info(entry.name, observation.rdev)
-        return observations, pci
+            if observation is not None:
+                observations.append(observation)
+        return observations
 
-    def pci_info(self, name: str, rdev: tuple[int, int]) -> PciInfo:
-        key = (name, rdev)
-        if key not in self._pci_cache:
-            self._pci_cache[key] = read_pci_info(self.sys_dir, rdev)
-        return self._pci_cache[key]
-
-
-def _observe(entry: os.DirEntry[str]) -> NodeObservation | None:
-    try:
-        info = entry.stat(follow_symlinks=False)
-    except OSError:
-        return None  # vanished between listing and stat: as good as absent
-    if stat.S_ISCHR(info.st_mode):
+    def _observe(self, entry: os.DirEntry[str]) -> NodeObservation | None:
+        if self.rules.classify(entry.name) is None:
+            return None
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            return None  # vanished between listing and stat: as good as absent
+        if not stat.S_ISCHR(info.st_mode):
+            return NodeObservation(entry.name, NodeKind.OTHER)
         rdev = (os.major(info.st_rdev), os.minor(info.st_rdev))
-        return NodeObservation(entry.name, NodeKind.CHAR_DEVICE, rdev)
-    return NodeObservation(entry.name, NodeKind.OTHER)
+        pci, unresolved = read_pci_info(self.sys_dir, rdev)
+        return NodeObservation(entry.name, NodeKind.CHAR_DEVICE, rdev, pci, unresolved)
+
+    def devnum(self, name: str) -> tuple[int, int] | None:
+        """(major, minor) of node ``name`` now; None unless a char device."""
+        try:
+            info = os.lstat(self.dev_dir / name)
+        except OSError:
+            return None
+        if not stat.S_ISCHR(info.st_mode):
+            return None
+        return os.major(info.st_rdev), os.minor(info.st_rdev)
 
 
 def _read_text(path: Path) -> str | None:
@@ -75,31 +82,52 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def read_pci_info(sys_dir: Path, rdev: tuple[int, int]) -> PciInfo:
-    """PCI facts for a char device via /sys/dev/char/<major>:<minor>/device.
+def _link_name(path: Path) -> str | None:
+    """The last part of where symlink ``path`` leads; None if there is none."""
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
 
-    That link leads to the class device; its ``device`` link to the parent
-    PCI function, which holds ``numa_node`` (-1: no NUMA information),
-    ``vendor`` and ``device``. Anything missing reads as None.
+
+def read_pci_info(sys_dir: Path, rdev: tuple[int, int]) -> tuple[PciInfo | None, str]:
+    """The PCI function behind a char device, via /sys/dev/char/<major>:<minor>.
+
+    That link leads to the class device; its ``device`` link to the parent,
+    which is a PCI function when its ``subsystem`` is the pci bus. The
+    function holds ``vendor``, ``device``, ``numa_node`` (-1: no NUMA
+    information) and, when a driver is bound, a ``driver`` link. Returns
+    (PciInfo, "") or (None, why not); never raises: an unreadable sysfs
+    (EACCES included) says so in the reason.
     """
-    class_device = sys_dir / "dev" / "char" / f"{rdev[0]}:{rdev[1]}"
-    parent = class_device / "device"
-    numa_text = _read_text(parent / "numa_node")
+    devnum = f"{rdev[0]}:{rdev[1]}"
+    class_device = sys_dir / "dev" / "char" / devnum
+    try:
+        os.lstat(class_device)
+    except FileNotFoundError:
+        return None, f"no sysfs entry for {devnum}"
+    except OSError as error:
+        return None, f"cannot read sysfs for {devnum}: {error.strerror}"
+    try:
+        function = Path(os.path.realpath(class_device / "device", strict=True))
+        bus = os.path.basename(os.path.realpath(function / "subsystem", strict=True))
+    except FileNotFoundError:
+        return None, f"{devnum} is not a PCI device"
+    except OSError as error:
+        return None, f"cannot read sysfs for {devnum}: {error.strerror}"
+    if bus != "pci":
+        return None, f"{devnum} is not a PCI device (it is on the {bus} bus)"
+    numa_text = _read_text(function / "numa_node")
     numa: int | None = None
     if numa_text is not None and numa_text.lstrip("-").isdigit() and int(numa_text) >= 0:
         numa = int(numa_text)
-    try:
-        address: str | None = os.path.basename(os.path.realpath(parent))
-    except OSError:
-        address = None
-    if not parent.exists():
-        address = None
     return PciInfo(
         numa_node=numa,
-        vendor=_read_text(parent / "vendor"),
-        device=_read_text(parent / "device"),
-        address=address,
-    )
+        vendor=_read_text(function / "vendor"),
+        device=_read_text(function / "device"),
+        address=function.name,
+        driver=_link_name(function / "driver"),
+    ), ""
 
 
 def hpe_problem(config: Config, hpe_dir: Path) -> str | None:

@@ -1,5 +1,6 @@
 """HTTP probes for the kubelet: /healthz (the loop is alive), /readyz (registered),
-and /status (the agent's own view as JSON, read by `stc-npu-agent diagnose`).
+and for `stc-npu-agent diagnose`: /status (the agent's own view as JSON) and
+/allocate?id=ID[&id=ID...] (what Allocate would answer now, as JSON).
 
 Served from a thread of its own, so a stuck asyncio loop cannot also stall
 the probe that reports it. Off unless an address is configured.
@@ -12,8 +13,10 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Protocol
+from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,8 @@ class ProbeTarget(Protocol):
     def ready(self) -> bool: ...
 
     def status(self) -> dict[str, object]: ...
+
+    def allocation(self, ids: Sequence[str]) -> dict[str, object]: ...
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -91,6 +96,9 @@ class ProbeServer:
                     text = "registered and streaming" if ok else "not registered with the kubelet"
                 elif self.path == "/status":
                     ok, text = True, json.dumps(target.status(), sort_keys=True)
+                elif urlsplit(self.path).path == "/allocate":
+                    ids = parse_qs(urlsplit(self.path).query).get("id", [])
+                    ok, text = True, json.dumps(target.allocation(ids), sort_keys=True)
                 else:
                     self.send_error(404)
                     return

@@ -1,0 +1,145 @@
+"""The live state and the scanner on a simulated node, in process: settle
+timers, sysfs that cannot be read, what Allocate re-checks, what is logged."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stc_npu_agent.core.allocation import AllocationError, ContainerAllocation, ErrorKind
+from stc_npu_agent.core.config import HpeConfig
+from stc_npu_agent.core.devices import DeviceRules
+from stc_npu_agent.discovery import DeviceScanner
+from stc_npu_agent.plugin import checked_allocation
+from stc_npu_agent.state import DeviceState
+from stc_npu_agent.testing.simnode import SimNode
+
+WAIT = 30.0
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> SimNode:
+    sim = SimNode(tmp_path / "node")
+    for index in range(4):
+        sim.add_npu(index, numa_node=index // 2)
+    return sim
+
+
+def make_state(node: SimNode) -> DeviceState:
+    return DeviceState(DeviceScanner(node.dev_dir, node.sys_dir, DeviceRules()))
+
+
+def allocate(state: DeviceState, ids: list[str]) -> ContainerAllocation:
+    return checked_allocation(state.inventory, state.scanner, ids, HpeConfig())
+
+
+def run(scenario: Callable[[], Any]) -> Any:
+    async def main() -> Any:
+        return await scenario()
+
+    return asyncio.run(main())
+
+
+async def wait_for(condition: Callable[[], bool], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_one_settle_timer_per_deadline(node: SimNode) -> None:
+    async def scenario() -> None:
+        state = make_state(node)
+        state.rescan()
+        node.add_npu(4)  # after the first scan: it settles before it is Healthy
+        for _ in range(10):
+            state.rescan()  # e.g. the six inotify events of its six nodes
+        loop = asyncio.get_running_loop()
+        # The loop's own timer heap: the only place all pending timers show.
+        timers = [
+            handle
+            for handle in loop._scheduled  # type: ignore[attr-defined]
+            if not handle.cancelled() and getattr(handle._callback, "__self__", None) is state
+        ]
+        assert len(timers) == 1
+        await wait_for(lambda: state.inventory.npus["stc4"].healthy, "stc4 settled")
+
+    run(scenario)
+
+
+def test_permission_denied_in_sysfs_does_not_poison_the_scan(
+    node: SimNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Root is never refused by file modes: make every sysfs lookup fail with
+    # EACCES, as a locked-down mount or an LSM does.
+    sys_prefix = str(node.sys_dir)
+
+    def refusing(real: Callable[..., os.stat_result]) -> Callable[..., os.stat_result]:
+        def call(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            if os.fspath(path).startswith(sys_prefix):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "stat", refusing(os.stat))
+    monkeypatch.setattr(os, "lstat", refusing(os.lstat))
+
+    async def scenario() -> None:
+        state = make_state(node)
+        state.rescan()
+        assert sorted(state.inventory.npus) == ["stc0", "stc1", "stc2", "stc3"]
+        for npu in state.inventory.npus.values():
+            assert not npu.healthy
+            assert "Permission denied" in npu.reason
+        monkeypatch.undo()
+        state.rescan()
+        assert state.inventory.healthy_ids() == {"stc0", "stc1", "stc2", "stc3"}
+
+    run(scenario)
+
+
+def test_allocate_refuses_a_node_replaced_since_the_scan(node: SimNode) -> None:
+    async def scenario() -> None:
+        state = make_state(node)
+        state.rescan()
+        assert allocate(state, ["stc0"]).devices
+        # No rescan in between: the inventory still says stc0 is Healthy.
+        node.replace_with_device("stc0c1", (1, 3))
+        assert state.inventory.npus["stc0"].healthy
+        with pytest.raises(AllocationError) as refused:
+            allocate(state, ["stc0"])
+        assert refused.value.kind is ErrorKind.FAILED_PRECONDITION
+        assert "stc0c1" in refused.value.message
+        assert allocate(state, ["stc1"]).devices  # the others are fine
+
+    run(scenario)
+
+
+def test_an_impostor_is_logged_once_per_change(
+    node: SimNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        state = make_state(node)
+        state.rescan()
+        node.replace_with_device("stc0c1", (1, 3))
+        for _ in range(5):
+            state.rescan()
+        node.replace_with_device("stc0c2", (1, 3))
+        for _ in range(5):
+            state.rescan()
+
+    with caplog.at_level(logging.INFO, logger="stc_npu_agent"):
+        run(scenario)
+    lines = [record.getMessage() for record in caplog.records]
+    # /dev/null's numbers with no sysfs entry: a mknod'ed node of no device.
+    assert sum("stc0c1: no sysfs entry for 1:3" in line for line in lines) == 2, lines
+    assert sum("stc0c2: no sysfs entry for 1:3" in line for line in lines) == 1, lines
