@@ -296,24 +296,24 @@ def test_allowed_vendors_and_drivers_are_configuration() -> None:
 
 def test_a_node_turning_into_an_impostor_and_back() -> None:
     full = scan(Inventory(), npu_nodes(0))
-    swapped = [foreign("stc0c2", "no sysfs entry for 1:3") if o.name == "stc0c2" else o
+    swapped = [foreign("stc0c2", "1:3 is not a PCI device") if o.name == "stc0c2" else o
                for o in npu_nodes(0)]  # fmt: skip
     bad = scan(full, swapped)
-    assert bad.npus["stc0"].reason == "stc0c2: no sysfs entry for 1:3"
+    assert bad.npus["stc0"].reason == "stc0c2: 1:3 is not a PCI device"
     assert bad.npus["stc0"].pci.address == "0000:03:00.0"
-    both = [foreign(o.name, "no sysfs entry for 1:3") if o.name in {"stc0c2", "stc0c3"} else o
+    both = [foreign(o.name, "1:3 is not a PCI device") if o.name in {"stc0c2", "stc0c3"} else o
             for o in npu_nodes(0)]  # fmt: skip
     worse = scan(bad, both)
     back = scan(worse, npu_nodes(0))
     assert back.npus["stc0"].healthy
     assert describe_changes(full, bad) == [
-        "stc0 Healthy -> Unhealthy (stc0c2: no sysfs entry for 1:3)"
+        "stc0 Healthy -> Unhealthy (stc0c2: 1:3 is not a PCI device)"
     ]
     # A new impostor while already Unhealthy is one line too; a rescan that
     # changes nothing is none.
     assert describe_changes(bad, worse) == [
-        "stc0 still Unhealthy, nodes that are not its own: stc0c2: no sysfs entry for 1:3; "
-        "stc0c3: no sysfs entry for 1:3"
+        "stc0 still Unhealthy, nodes that are not its own: stc0c2: 1:3 is not a PCI device; "
+        "stc0c3: 1:3 is not a PCI device"
     ]
     assert describe_changes(worse, scan(worse, both)) == []
     assert describe_changes(worse, back) == ["stc0 Unhealthy -> Healthy"]
@@ -326,3 +326,14 @@ def test_an_own_node_without_pci_keeps_the_known_pci_facts() -> None:
     npu = scan(full, swapped).npus["stc0"]
     assert npu.numa_node == 1
     assert npu.reason == "stc0: 1:3 is not a PCI device"
+
+
+def test_a_node_of_no_device_is_dead_and_logged_with_health_only() -> None:
+    full = scan(Inventory(), npu_nodes(0))
+    dying = [NodeObservation(o.name, NodeKind.NO_DEVICE, o.rdev) if o.name == "stc0ctrl" else o
+             for o in npu_nodes(0)]  # fmt: skip
+    half = scan(full, dying)
+    assert half.npus["stc0"].reason == "no device behind stc0ctrl"
+    gone = scan(half, [o for o in npu_nodes(0) if o.name != "stc0ctrl"])
+    assert describe_changes(full, half) == ["stc0 Healthy -> Unhealthy (no device behind stc0ctrl)"]
+    assert describe_changes(half, gone) == []

@@ -127,6 +127,8 @@ def test_allocate_refuses_a_node_replaced_since_the_scan(node: SimNode) -> None:
 def test_an_impostor_is_logged_once_per_change(
     node: SimNode, caplog: pytest.LogCaptureFixture
 ) -> None:
+    node.add_foreign_node("null")  # /dev/null: 1:3, a virtual device in sysfs
+
     async def scenario() -> None:
         state = make_state(node)
         state.rescan()
@@ -136,10 +138,31 @@ def test_an_impostor_is_logged_once_per_change(
         node.replace_with_device("stc0c2", (1, 3))
         for _ in range(5):
             state.rescan()
+        node.unplug(1)  # an NPU going away is no impostor
+        for _ in range(5):
+            state.rescan()
 
     with caplog.at_level(logging.INFO, logger="stc_npu_agent"):
         run(scenario)
     lines = [record.getMessage() for record in caplog.records]
-    # /dev/null's numbers with no sysfs entry: a mknod'ed node of no device.
-    assert sum("stc0c1: no sysfs entry for 1:3" in line for line in lines) == 2, lines
-    assert sum("stc0c2: no sysfs entry for 1:3" in line for line in lines) == 1, lines
+    assert sum("stc0c1: 1:3 is not a PCI device" in line for line in lines) == 2, lines
+    assert sum("stc0c2: 1:3 is not a PCI device" in line for line in lines) == 1, lines
+    assert [line for line in lines if "stc1" in line][1:] == [
+        "device stc1 Healthy -> Unhealthy (missing stc1, stc1c0, stc1c1, stc1c2, stc1c3, stc1ctrl)"
+    ]
+
+
+def test_a_node_without_a_device_is_dead_not_an_impostor(node: SimNode) -> None:
+    # The kernel removes a device's sysfs entry before udev removes its node
+    # (and a node made by hand may have numbers no device has).
+    async def scenario() -> None:
+        state = make_state(node)
+        state.rescan()
+        (node.sys_dir / "dev" / "char" / "240:5").unlink()  # stc0ctrl's
+        state.rescan()
+        npu = state.inventory.npus["stc0"]
+        assert npu.reason == "no device behind stc0ctrl"
+        assert npu.impostors == ()
+        assert "stc0ctrl" not in npu.present_nodes
+
+    run(scenario)

@@ -61,8 +61,7 @@ class DeviceScanner:
         if not stat.S_ISCHR(info.st_mode):
             return NodeObservation(entry.name, NodeKind.OTHER)
         rdev = (os.major(info.st_rdev), os.minor(info.st_rdev))
-        pci, unresolved = read_pci_info(self.sys_dir, rdev)
-        return NodeObservation(entry.name, NodeKind.CHAR_DEVICE, rdev, pci, unresolved)
+        return observe_char_device(self.sys_dir, entry.name, rdev)
 
     def devnum(self, name: str) -> tuple[int, int] | None:
         """(major, minor) of node ``name`` now; None unless a char device."""
@@ -90,44 +89,51 @@ def _link_name(path: Path) -> str | None:
         return None
 
 
-def read_pci_info(sys_dir: Path, rdev: tuple[int, int]) -> tuple[PciInfo | None, str]:
-    """The PCI function behind a char device, via /sys/dev/char/<major>:<minor>.
+def observe_char_device(sys_dir: Path, name: str, rdev: tuple[int, int]) -> NodeObservation:
+    """A char device node and the PCI function behind it, via sysfs.
 
-    That link leads to the class device; its ``device`` link to the parent,
-    which is a PCI function when its ``subsystem`` is the pci bus. The
-    function holds ``vendor``, ``device``, ``numa_node`` (-1: no NUMA
-    information) and, when a driver is bound, a ``driver`` link. Returns
-    (PciInfo, "") or (None, why not); never raises: an unreadable sysfs
-    (EACCES included) says so in the reason.
+    /sys/dev/char/<major>:<minor> leads to the class device; without it no
+    device has these numbers (the kernel removed it and udev has yet to
+    remove the node, or the node was made by hand). The class device's
+    ``device`` link leads to the parent, a PCI function when its
+    ``subsystem`` is the pci bus; the function holds ``vendor``, ``device``,
+    ``numa_node`` (-1: no NUMA information) and, when a driver is bound, a
+    ``driver`` link. Never raises: what cannot be read (EACCES included) is
+    the node's ``unresolved`` reason.
     """
     devnum = f"{rdev[0]}:{rdev[1]}"
     class_device = sys_dir / "dev" / "char" / devnum
+
+    def unresolved(why: str) -> NodeObservation:
+        return NodeObservation(name, NodeKind.CHAR_DEVICE, rdev, None, why)
+
     try:
         os.lstat(class_device)
     except FileNotFoundError:
-        return None, f"no sysfs entry for {devnum}"
+        return NodeObservation(name, NodeKind.NO_DEVICE, rdev)
     except OSError as error:
-        return None, f"cannot read sysfs for {devnum}: {error.strerror}"
+        return unresolved(f"cannot read sysfs for {devnum}: {error.strerror}")
     try:
         function = Path(os.path.realpath(class_device / "device", strict=True))
         bus = os.path.basename(os.path.realpath(function / "subsystem", strict=True))
     except FileNotFoundError:
-        return None, f"{devnum} is not a PCI device"
+        return unresolved(f"{devnum} is not a PCI device")
     except OSError as error:
-        return None, f"cannot read sysfs for {devnum}: {error.strerror}"
+        return unresolved(f"cannot read sysfs for {devnum}: {error.strerror}")
     if bus != "pci":
-        return None, f"{devnum} is not a PCI device (it is on the {bus} bus)"
+        return unresolved(f"{devnum} is not a PCI device (it is on the {bus} bus)")
     numa_text = _read_text(function / "numa_node")
     numa: int | None = None
     if numa_text is not None and numa_text.lstrip("-").isdigit() and int(numa_text) >= 0:
         numa = int(numa_text)
-    return PciInfo(
+    pci = PciInfo(
         numa_node=numa,
         vendor=_read_text(function / "vendor"),
         device=_read_text(function / "device"),
         address=function.name,
         driver=_link_name(function / "driver"),
-    ), ""
+    )
+    return NodeObservation(name, NodeKind.CHAR_DEVICE, rdev, pci)
 
 
 def hpe_problem(config: Config, hpe_dir: Path) -> str | None:

@@ -48,6 +48,10 @@ UNHEALTHY = "Unhealthy"
 
 class NodeKind(Enum):
     CHAR_DEVICE = "char"
+    # A char device node whose numbers no device has (no sysfs entry): the
+    # kernel removed the device and udev has yet to remove the node, or it
+    # was made by hand. Dead, like a missing node, not an impostor.
+    NO_DEVICE = "no device"
     OTHER = "other"  # a regular file, symlink, directory, block device...
 
 
@@ -317,12 +321,14 @@ def _judge(
 ) -> Npu:
     """Health from presence first, then the settle time, then each extra check."""
     missing = [name for name in npu.expected_nodes if name not in seen]
-    not_char = [
-        name for name in npu.expected_nodes if name in seen and name not in npu.present_nodes
-    ]
+    kinds = {name: seen[name].kind for name in npu.expected_nodes if name in seen}
+    dead = [name for name, kind in kinds.items() if kind is NodeKind.NO_DEVICE]
+    not_char = [name for name, kind in kinds.items() if kind is NodeKind.OTHER]
     problems = list(npu.impostors)  # first: it may be no NPU at all
     if missing:
         problems.append(f"missing {', '.join(missing)}")
+    if dead:
+        problems.append(f"no device behind {', '.join(dead)}")
     if not_char:
         problems.append(f"not a character device: {', '.join(not_char)}")
     if not problems and not npu.ever_healthy and now < npu.settling_until:
