@@ -166,3 +166,22 @@ def test_a_node_without_a_device_is_dead_not_an_impostor(node: SimNode) -> None:
         assert "stc0ctrl" not in npu.present_nodes
 
     run(scenario)
+
+
+def test_a_rebound_driver_is_seen_without_a_device_node_event(node: SimNode) -> None:
+    # sysfs is resolved once per device number, but the driver is read each
+    # scan: a function handed to vfio-pci keeps its /dev nodes unchanged.
+    async def scenario() -> None:
+        state = make_state(node)
+        state.rescan()
+        node.bind_driver(2, "vfio-pci")
+        state.rescan()
+        assert state.inventory.npus["stc2"].reason == (
+            "stc2: PCI 0000:05:00.0 is bound to vfio-pci, not stc"
+        )
+        node.bind_driver(2, "stc")
+        state.rescan()
+        assert state.inventory.healthy_ids() == {"stc0", "stc1", "stc2", "stc3"}
+        assert state.inventory.npus["stc2"].pci.driver == "stc"
+
+    run(scenario)

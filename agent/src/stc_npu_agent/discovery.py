@@ -5,9 +5,11 @@ OS paths are parameters so tests and the demo run on a simulated node.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 from stc_npu_agent.core.config import Config
@@ -23,6 +25,11 @@ class DeviceScanner:
         self.rules = rules
         # Entries whose scan raised, named once each (see scan()).
         self._failed: set[str] = set()
+        # The PCI function each device number resolved to, by the target of
+        # its /sys/dev/char link: resolving takes ~50 syscalls, comparing the
+        # link one. A new device with the same numbers has another target.
+        self._functions: dict[tuple[int, int], tuple[str, _Function]] = {}
+        self._char_dir = os.path.join(self.sys_dir, "dev", "char")
 
     def scan(self) -> list[NodeObservation]:
         """Every node in the device dir whose name matches, with what sysfs
@@ -61,7 +68,42 @@ class DeviceScanner:
         if not stat.S_ISCHR(info.st_mode):
             return NodeObservation(entry.name, NodeKind.OTHER)
         rdev = (os.major(info.st_rdev), os.minor(info.st_rdev))
-        return observe_char_device(self.sys_dir, entry.name, rdev)
+        return self._char_device(entry.name, rdev)
+
+    def _char_device(self, name: str, rdev: tuple[int, int]) -> NodeObservation:
+        """A char device node and the PCI function sysfs resolves it to.
+
+        /sys/dev/char/<major>:<minor> links to the class device; without it no
+        device has these numbers (the kernel removed it and udev has yet to
+        remove the node, or the node was made by hand). The driver is read on
+        every scan: a function can be rebound without its nodes changing.
+        Never raises: what cannot be read (EACCES included) is the node's
+        ``unresolved`` reason, and is tried again on the next scan.
+        """
+        devnum = f"{rdev[0]}:{rdev[1]}"
+        # Plain strings, not Path: this runs for every node on every scan.
+        link = os.path.join(self._char_dir, devnum)
+        try:
+            target: str | None = os.readlink(link)
+        except FileNotFoundError:
+            self._functions.pop(rdev, None)
+            return NodeObservation(name, NodeKind.NO_DEVICE, rdev)
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                return NodeObservation(
+                    name, NodeKind.CHAR_DEVICE, rdev, None, _cannot(devnum, error)
+                )
+            target = None  # not a symlink (a copied tree?): resolve every time
+        cached = self._functions.get(rdev)
+        if target is None or cached is None or cached[0] != target:
+            function = resolve_function(Path(link), devnum)
+            if target is not None and function.pci is not None:
+                self._functions[rdev] = (target, function)
+        else:
+            function = cached[1]
+        if function.pci is None:
+            return NodeObservation(name, NodeKind.CHAR_DEVICE, rdev, None, function.unresolved)
+        return NodeObservation(name, NodeKind.CHAR_DEVICE, rdev, function.with_driver())
 
     def devnum(self, name: str) -> tuple[int, int] | None:
         """(major, minor) of node ``name`` now; None unless a char device."""
@@ -81,7 +123,7 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def _link_name(path: Path) -> str | None:
+def _link_name(path: str) -> str | None:
     """The last part of where symlink ``path`` leads; None if there is none."""
     try:
         return os.path.basename(os.readlink(path))
@@ -89,39 +131,41 @@ def _link_name(path: Path) -> str | None:
         return None
 
 
-def observe_char_device(sys_dir: Path, name: str, rdev: tuple[int, int]) -> NodeObservation:
-    """A char device node and the PCI function behind it, via sysfs.
+class _Function:
+    """What a class device's parent is: a PCI function, or why it is none."""
 
-    /sys/dev/char/<major>:<minor> leads to the class device; without it no
-    device has these numbers (the kernel removed it and udev has yet to
-    remove the node, or the node was made by hand). The class device's
-    ``device`` link leads to the parent, a PCI function when its
-    ``subsystem`` is the pci bus; the function holds ``vendor``, ``device``,
-    ``numa_node`` (-1: no NUMA information) and, when a driver is bound, a
-    ``driver`` link. Never raises: what cannot be read (EACCES included) is
-    the node's ``unresolved`` reason.
-    """
-    devnum = f"{rdev[0]}:{rdev[1]}"
-    class_device = sys_dir / "dev" / "char" / devnum
+    def __init__(self, path: Path | None, pci: PciInfo | None, unresolved: str = "") -> None:
+        self.pci = pci  # without the driver: that is read on every scan
+        self.unresolved = unresolved
+        self._driver_link = os.path.join(path, "driver") if path is not None else ""
+        self._last: PciInfo | None = None
 
-    def unresolved(why: str) -> NodeObservation:
-        return NodeObservation(name, NodeKind.CHAR_DEVICE, rdev, None, why)
+    def with_driver(self) -> PciInfo:
+        """The PCI facts with the driver bound now (the same object while it is)."""
+        assert self.pci is not None
+        driver = _link_name(self._driver_link)
+        if self._last is None or self._last.driver != driver:
+            self._last = replace(self.pci, driver=driver)
+        return self._last
 
-    try:
-        os.lstat(class_device)
-    except FileNotFoundError:
-        return NodeObservation(name, NodeKind.NO_DEVICE, rdev)
-    except OSError as error:
-        return unresolved(f"cannot read sysfs for {devnum}: {error.strerror}")
+
+def _cannot(devnum: str, error: OSError) -> str:
+    return f"cannot read sysfs for {devnum}: {error.strerror}"
+
+
+def resolve_function(class_device: Path, devnum: str) -> _Function:
+    """The parent of a class device, when it is a PCI function (its
+    ``subsystem`` is the pci bus), with ``vendor``, ``device`` and
+    ``numa_node`` (-1: no NUMA information)."""
     try:
         function = Path(os.path.realpath(class_device / "device", strict=True))
         bus = os.path.basename(os.path.realpath(function / "subsystem", strict=True))
     except FileNotFoundError:
-        return unresolved(f"{devnum} is not a PCI device")
+        return _Function(None, None, f"{devnum} is not a PCI device")
     except OSError as error:
-        return unresolved(f"cannot read sysfs for {devnum}: {error.strerror}")
+        return _Function(None, None, _cannot(devnum, error))
     if bus != "pci":
-        return unresolved(f"{devnum} is not a PCI device (it is on the {bus} bus)")
+        return _Function(None, None, f"{devnum} is not a PCI device (it is on the {bus} bus)")
     numa_text = _read_text(function / "numa_node")
     numa: int | None = None
     if numa_text is not None and numa_text.lstrip("-").isdigit() and int(numa_text) >= 0:
@@ -131,9 +175,8 @@ def observe_char_device(sys_dir: Path, name: str, rdev: tuple[int, int]) -> Node
         vendor=_read_text(function / "vendor"),
         device=_read_text(function / "device"),
         address=function.name,
-        driver=_link_name(function / "driver"),
     )
-    return NodeObservation(name, NodeKind.CHAR_DEVICE, rdev, pci)
+    return _Function(function, pci)
 
 
 def hpe_problem(config: Config, hpe_dir: Path) -> str | None:
