@@ -185,3 +185,22 @@ def test_a_rebound_driver_is_seen_without_a_device_node_event(node: SimNode) -> 
         assert state.inventory.npus["stc2"].pci.driver == "stc"
 
     run(scenario)
+
+
+def test_one_device_under_two_names_is_not_two_npus(node: SimNode) -> None:
+    # mknod stc5 c 240 0 (and its members) beside stc0: same vendor, same
+    # driver, same PCI function; only the kernel's name for 240:0 tells.
+    for name in ("stc5", "stc5c0", "stc5c1", "stc5c2", "stc5c3", "stc5ctrl"):
+        node.add_foreign_node(name, node.devnum(name.replace("stc5", "stc0")))
+    node.replace_with_device("stc1c2", node.devnum("stc1c3"))  # twice in one NPU
+
+    async def scenario() -> None:
+        state = make_state(node)
+        state.rescan()
+        stc5 = state.inventory.npus["stc5"]
+        assert not stc5.healthy
+        assert stc5.reason.startswith("stc5: 240:0 is stc0 by the kernel; stc5c0: 240:1 is stc0c0")
+        assert state.inventory.npus["stc1"].reason == "stc1c2: 240:12 is stc1c3 by the kernel"
+        assert state.inventory.healthy_ids() == {"stc0", "stc2", "stc3"}
+
+    run(scenario)

@@ -103,7 +103,9 @@ class DeviceScanner:
             function = cached[1]
         if function.pci is None:
             return NodeObservation(name, NodeKind.CHAR_DEVICE, rdev, None, function.unresolved)
-        return NodeObservation(name, NodeKind.CHAR_DEVICE, rdev, function.with_driver())
+        kernel_name = os.path.basename(target) if target is not None else function.kernel_name
+        pci = function.with_driver()
+        return NodeObservation(name, NodeKind.CHAR_DEVICE, rdev, pci, kernel_name=kernel_name)
 
     def devnum(self, name: str) -> tuple[int, int] | None:
         """(major, minor) of node ``name`` now; None unless a char device."""
@@ -134,9 +136,12 @@ def _link_name(path: str) -> str | None:
 class _Function:
     """What a class device's parent is: a PCI function, or why it is none."""
 
-    def __init__(self, path: Path | None, pci: PciInfo | None, unresolved: str = "") -> None:
+    def __init__(
+        self, path: Path | None, pci: PciInfo | None, unresolved: str = "", kernel_name: str = ""
+    ) -> None:
         self.pci = pci  # without the driver: that is read on every scan
         self.unresolved = unresolved
+        self.kernel_name = kernel_name  # the class device's name
         self._driver_link = os.path.join(path, "driver") if path is not None else ""
         self._last: PciInfo | None = None
 
@@ -158,6 +163,7 @@ def resolve_function(class_device: Path, devnum: str) -> _Function:
     ``subsystem`` is the pci bus), with ``vendor``, ``device`` and
     ``numa_node`` (-1: no NUMA information)."""
     try:
+        kernel_name = os.path.basename(os.path.realpath(class_device, strict=True))
         function = Path(os.path.realpath(class_device / "device", strict=True))
         bus = os.path.basename(os.path.realpath(function / "subsystem", strict=True))
     except FileNotFoundError:
@@ -176,7 +182,7 @@ def resolve_function(class_device: Path, devnum: str) -> _Function:
         device=_read_text(function / "device"),
         address=function.name,
     )
-    return _Function(function, pci)
+    return _Function(function, pci, kernel_name=kernel_name)
 
 
 def hpe_problem(config: Config, hpe_dir: Path) -> str | None:

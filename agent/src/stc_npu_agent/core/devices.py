@@ -22,8 +22,10 @@ Rules, and why:
   sysfs resolves to a PCI function of an allowed vendor, bound to an allowed
   driver, and the members to the very function of the NPU's own node (one
   card's nodes are one PCI function on the STCP920; a member on another
-  function is another card's node, or none). Anything else, e.g. ``mknod
-  stc7 c 1 3``, is listed but never Healthy, with the reason.
+  function is another card's node, or none). Its numbers must be those of
+  the kernel device of the same name (udev names nodes after them), so one
+  device cannot be handed out twice under two names. Anything else, e.g.
+  ``mknod stc7 c 1 3``, is listed but never Healthy, with the reason.
 - A new NPU's nodes appear one by one (the driver makes them in turn), and
   nothing says how many there will be. So an NPU that appears after the first
   scan, and has never been Healthy, waits until no new node of it has come
@@ -78,6 +80,10 @@ class NodeObservation:
     # resolves to none, with ``unresolved`` saying why (one short phrase).
     pci: PciInfo | None = None
     unresolved: str = ""
+    # The kernel's name for the device with these numbers (its sysfs class
+    # device), which udev gives the node: another name is another node's
+    # numbers under this name (e.g. ``mknod stc5 c 240 0`` beside stc0).
+    kernel_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,11 @@ class DeviceRules:
             pci = observation.pci
             if pci is None:
                 problems.append(f"{name}: {observation.unresolved or 'no PCI function in sysfs'}")
+                continue
+            kernel_name = observation.kernel_name
+            if kernel_name is not None and kernel_name != name and observation.rdev:
+                major, minor = observation.rdev
+                problems.append(f"{name}: {major}:{minor} is {kernel_name} by the kernel")
                 continue
             problem = self.function_problem(pci)
             if problem and pci.address not in named_functions:
