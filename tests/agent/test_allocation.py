@@ -15,30 +15,29 @@ from stc_npu_agent.core.allocation import (
     plan_allocation,
     preferred_allocation,
 )
-from stc_npu_agent.core.config import (
-    DEFAULT_MEMBER_PATTERN,
-    DEFAULT_NPU_PATTERN,
-    HpeConfig,
-)
-from stc_npu_agent.core.devices import Inventory, Naming, NodeKind, NodeObservation, PciInfo
+from stc_npu_agent.core.config import HpeConfig
+from stc_npu_agent.core.devices import DeviceRules, Inventory, NodeKind, NodeObservation, PciInfo
 
-NAMING = Naming(DEFAULT_NPU_PATTERN, DEFAULT_MEMBER_PATTERN)
+RULES = DeviceRules()
 MAPPED = HpeConfig("mapped", "/usr/local/hpe", "/opt/hpe")
 UNMAPPED = HpeConfig("unmapped")
 
 
-def nodes(index: int) -> list[NodeObservation]:
+def nodes(index: int, numa: int | None) -> list[NodeObservation]:
     names = [f"stc{index}", *(f"stc{index}c{k}" for k in range(4)), f"stc{index}ctrl"]
-    return [NodeObservation(name, NodeKind.CHAR_DEVICE, (240, index)) for name in names]
+    pci = PciInfo(numa, "0x23e2", "0x0100", f"0000:{index + 3:02x}:00.0", "stc")
+    return [
+        NodeObservation(name, NodeKind.CHAR_DEVICE, (240, index * 8 + k), pci)
+        for k, name in enumerate(names)
+    ]
 
 
 def inventory(numa: Mapping[int, int | None], unhealthy: tuple[int, ...] = ()) -> Inventory:
     """NPUs by index -> NUMA node; the unhealthy ones lose their own node."""
-    observations = [obs for index in numa for obs in nodes(index)]
-    pci = {f"stc{index}": PciInfo(numa_node=node) for index, node in numa.items()}
-    full = Inventory().updated(observations, NAMING, pci)
+    observations = [obs for index, node in numa.items() for obs in nodes(index, node)]
+    full = Inventory().updated(observations, RULES)
     present = [obs for obs in observations if obs.name not in {f"stc{i}" for i in unhealthy}]
-    return full.updated(present, NAMING, pci)
+    return full.updated(present, RULES)
 
 
 def test_one_npu_mapped() -> None:

@@ -32,12 +32,36 @@ def test_full_document_is_parsed() -> None:
             "discovery": {
                 "npuPattern": r"npu(?P<index>\d+)",
                 "memberPattern": r"npu(?P<index>\d+)x",
+                "requiredMembers": ["npu{index}x"],
+                "pciVendors": ["0x23e2", "0x1e3a"],
+                "drivers": ["stc", "stc_next"],
             },
         }
     )
     assert config.resource_name == "example.com/accel"
     assert config.hpe == HpeConfig("unmapped", "/opt/hpe", "/usr/local/hpe")
-    assert config.discovery == DiscoveryConfig(r"npu(?P<index>\d+)", r"npu(?P<index>\d+)x")
+    assert config.discovery == DiscoveryConfig(
+        r"npu(?P<index>\d+)",
+        r"npu(?P<index>\d+)x",
+        required_members=("npu{index}x",),
+        pci_vendors=("0x23e2", "0x1e3a"),
+        drivers=("stc", "stc_next"),
+    )
+
+
+def test_discovery_defaults_are_the_documented_npu() -> None:
+    discovery = parse_config(None).discovery
+    assert discovery.required_members == (
+        "stc{index}c0",
+        "stc{index}c1",
+        "stc{index}c2",
+        "stc{index}c3",
+        "stc{index}ctrl",
+    )
+    assert discovery.pci_vendors == ("0x23e2",)
+    assert discovery.drivers == ("stc",)
+    # An NPU with its own node only, for other card generations.
+    assert parse_config({"discovery": {"requiredMembers": []}}).discovery.required_members == ()
 
 
 def test_round_trip_through_to_mapping() -> None:
@@ -68,7 +92,57 @@ def test_round_trip_through_to_mapping() -> None:
             "discovery.npuPattern: not a valid regular expression",
         ),
         ({"discovery": {"memberPattern": "stc[0-9]+c"}}, "group named 'index'"),
+        # An index that can be empty: the node "stc" would have no index.
+        (
+            {"discovery": {"npuPattern": "stc(?P<index>[0-9]*)"}},
+            "discovery.npuPattern: the group 'index' can match an empty string",
+        ),
+        (
+            {"discovery": {"memberPattern": "stc(?P<index>[0-9]?)c[0-9]"}},
+            "discovery.memberPattern: the group 'index' can match an empty string",
+        ),
+        (
+            {"discovery": {"npuPattern": "stc(?P<index>[0-9]+)?"}},
+            "discovery.npuPattern: the group 'index' is optional",
+        ),
+        (
+            {"discovery": {"npuPattern": "stc(x|(?P<index>[0-9]+))"}},
+            "discovery.npuPattern: the group 'index' is optional",
+        ),
         (["a"], "top level: expected a mapping, got a list"),
+        ({"discovery": {"requiredMembers": "c0"}}, "discovery.requiredMembers: expected a list"),
+        (
+            {"discovery": {"requiredMembers": [5]}},
+            "discovery.requiredMembers[0]: expected a string",
+        ),
+        (
+            {"discovery": {"requiredMembers": ["stc{index}c0", "stc0c1"]}},
+            "discovery.requiredMembers[1]: must contain {index} once",
+        ),
+        (
+            {"discovery": {"requiredMembers": ["stc{index}c0", "stc{index}c0"]}},
+            "discovery.requiredMembers: listed twice: stc{index}c0",
+        ),
+        (
+            {"discovery": {"requiredMembers": ["stc{index}c0", "stc{index}x"]}},
+            "discovery.requiredMembers[1]: 'stc0x' is not a member of NPU 0 by memberPattern",
+        ),
+        (
+            {"discovery": {"requiredMembers": ["stc{index}"]}},
+            "discovery.requiredMembers[0]: 'stc0' is an NPU's own node by npuPattern",
+        ),
+        (
+            # Custom patterns need their own member names: the defaults are stc's.
+            {"discovery": {"memberPattern": "npu(?P<index>[0-9]+)c[0-9]"}},
+            "discovery.requiredMembers[0]: 'stc0c0' is not a member of NPU 0",
+        ),
+        ({"discovery": {"pciVendors": []}}, "discovery.pciVendors: must list at least one"),
+        ({"discovery": {"pciVendors": ["23e2"]}}, "discovery.pciVendors[0]: a PCI vendor ID"),
+        ({"discovery": {"pciVendors": ["0x23E2"]}}, "lower-case hex digits"),
+        ({"discovery": {"pciVendors": "0x23e2"}}, "discovery.pciVendors: expected a list"),
+        ({"discovery": {"drivers": []}}, "discovery.drivers: must list at least one"),
+        ({"discovery": {"drivers": ["../stc"]}}, "discovery.drivers[0]: not a kernel driver"),
+        ({"discovery": {"drivers": [""]}}, "discovery.drivers[0]: must not be empty"),
     ],
 )
 def test_bad_documents_are_refused_naming_the_key(document: object, message: str) -> None:

@@ -85,7 +85,7 @@ def test_text_output_explains_an_unhealthy_npu_and_allocate(
     assert "stc1   Unhealthy" in out
     assert "why: not a character device: stc1c3" in out
     assert "!stc1c3" in out
-    assert "Allocate [stc0] would answer:" in out
+    assert "Allocate [stc0] would answer, by a one-shot scan" in out
     assert "  device /dev/stc0ctrl -> /dev/stc0ctrl (rw)" in out
     assert "  env    STC_NPU_DEVICES=stc0" in out
     assert "error FAILED_PRECONDITION: unhealthy device IDs: stc1: not a character device" in out
@@ -138,3 +138,56 @@ def test_bad_config_is_exit_2(tmp_path: Path, node: SimNode, kubelet_dir: Path) 
     result = diagnose(node, kubelet_dir, "--config", str(config))
     assert result.returncode == 2
     assert "hpe.mode: expected one of mapped, unmapped, got 'maped'" in result.stderr
+
+
+def test_allocate_answer_comes_from_the_running_agent(
+    node: SimNode, kubelet: KubeletEmulator, kubelet_dir: Path, probe: str
+) -> None:
+    node.unplug(3)
+    kubelet.wait_until(lambda: not kubelet.devices(RESOURCE)["stc3"].healthy, what="stc3 down")
+    result = diagnose(
+        node, kubelet_dir, "--json", "--probe-address", probe, "--allocate", "stc3",
+        "--allocate", "stc0",
+    )  # fmt: skip
+    answers = json.loads(result.stdout)["allocate"]
+    # A one-shot scan no longer knows stc3 ("unknown device IDs"); the agent
+    # still lists it, Unhealthy, and that is what Allocate answers.
+    assert answers["stc3"]["error"]["code"] == "FAILED_PRECONDITION"
+    assert answers["stc3"]["source"] == "agent"
+    assert "stc3: missing stc3" in answers["stc3"]["error"]["message"]
+    assert answers["stc0"]["source"] == "agent"
+    assert answers["stc0"]["envs"] == {"STC_NPU_DEVICES": "stc0"}
+    text = diagnose(node, kubelet_dir, "--probe-address", probe, "--allocate", "stc0").stdout
+    assert "Allocate [stc0] answered by the running agent (from http://" in text
+    # Asking is no Allocate: the kubelet's record and the agent's log stay as they were.
+    assert kubelet.assignments(RESOURCE) == []
+
+
+def test_allocate_without_the_agent_says_it_is_a_one_shot_scan(
+    tmp_path: Path, node: SimNode, kubelet_dir: Path
+) -> None:
+    result = diagnose(node, kubelet_dir, "--json", "--allocate", "stc0")
+    answer = json.loads(result.stdout)["allocate"]["stc0"]
+    assert answer["source"] == "scan"
+    assert answer["envs"] == {"STC_NPU_DEVICES": "stc0"}
+    text = diagnose(node, kubelet_dir, "--allocate", "stc0").stdout
+    assert "Allocate [stc0] would answer, by a one-shot scan (no probe address" in text
+
+
+def test_impostors_are_named(tmp_path: Path, node: SimNode, kubelet_dir: Path) -> None:
+    node.add_foreign_node("stc7")
+    node.bind_driver(1, "vfio-pci")
+    report = json.loads(diagnose(node, kubelet_dir, "--json").stdout)
+    health = {npu["id"]: npu["health"] for npu in report["npus"]}
+    assert health == {
+        "stc0": "Healthy",
+        "stc1": "Unhealthy",
+        "stc2": "Healthy",
+        "stc3": "Healthy",
+        "stc7": "Unhealthy",
+    }
+    problems = "\n".join(report["problems"])
+    assert "stc7 is Unhealthy: stc7: 1:3 is not a PCI device" in problems
+    assert "stc1 is Unhealthy: stc1: PCI 0000:04:00.0 is bound to vfio-pci, not stc" in problems
+    stc1 = next(npu for npu in report["npus"] if npu["id"] == "stc1")
+    assert stc1["pci"]["driver"] == "vfio-pci"

@@ -9,7 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -23,6 +23,9 @@ class Target:
 
     def status(self) -> dict[str, object]:
         return {"registered": self.ready, "npus": []}
+
+    def allocation(self, ids: Sequence[str]) -> dict[str, object]:
+        return {"envs": {"STC_NPU_DEVICES": ",".join(ids)}}
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -206,9 +209,16 @@ def test_head_answers_without_a_body(served: tuple[Target, int]) -> None:
 
 def test_an_endpoint_is_one_more_route() -> None:
     server = ProbeServer("127.0.0.1:0", Target())
-    server.routes["/metrics"] = lambda: Reply(200, "npus 4", "text/plain; version=0.0.4")
+    server.routes["/metrics"] = lambda query: Reply(200, "npus 4", "text/plain; version=0.0.4")
     server.start()
     try:
         assert get(server.port, "/metrics") == (200, "npus 4\n")
     finally:
         server.stop()
+
+
+def test_allocate_answers_for_the_ids_asked(served: tuple[Target, int]) -> None:
+    _, port = served
+    code, body = get(port, "/allocate?id=stc0&id=stc2")
+    assert code == 200
+    assert json.loads(body) == {"envs": {"STC_NPU_DEVICES": "stc0,stc2"}}

@@ -72,6 +72,7 @@ CHART_ENV = (
     "STC_NPU_LOG_LEVEL",
     "STC_NPU_LOG_FORMAT",
     "STC_NPU_PROBE_ADDRESS",
+    "STC_NPU_SYS_DIR",
     "STC_NPU_HPE_DIR",  # mapped mode only
 )
 
@@ -87,7 +88,7 @@ def _intended(values: dict[str, Any]) -> dict[str, str | None]:
     return {
         "kubelet_dir": values["kubeletDir"],
         "dev_dir": "/host/dev",  # devDir's mount
-        "sys_dir": "/sys",  # the agent's default: the container's own /sys
+        "sys_dir": "/host/sys",  # sysDir's mount
         "config": "/etc/stc-npu/config.yaml",  # the ConfigMap's mount
         "log_level": values["logLevel"],
         "log_format": values["logFormat"],

@@ -72,17 +72,17 @@ CASES = [
         _config(
             {
                 f"{TEST}.env.0.value": "unmapped",
-                f"{C}.env.6.name": MISSING,  # STC_NPU_HPE_DIR
-                f"{C}.env.6.value": MISSING,
-                f"{C}.volumeMounts.3.*": MISSING,  # host-hpe
-                f"{DS}.volumes.3.*": MISSING,
+                f"{C}.env.7.name": MISSING,  # STC_NPU_HPE_DIR
+                f"{C}.env.7.value": MISSING,
+                f"{C}.volumeMounts.4.*": MISSING,  # host-hpe
+                f"{DS}.volumes.4.*": MISSING,
             }
         ),
     ),
     Case(
         "hpe.hostPath",
         {"hpe": {"hostPath": "/opt/hpe"}},
-        _config({f"{DS}.volumes.3.hostPath.path": "/opt/hpe"}),
+        _config({f"{DS}.volumes.4.hostPath.path": "/opt/hpe"}),
     ),
     Case(
         "hpe.containerPath",
@@ -95,6 +95,13 @@ CASES = [
         {"discovery": {"memberPattern": "stc(?P<index>[0-9]+)c[0-9]+"}},
         _config(),
     ),
+    Case(
+        "discovery.requiredMembers",
+        {"discovery": {"requiredMembers": ["stc{index}c0", "stc{index}ctrl"]}},
+        _config(),
+    ),
+    Case("discovery.pciVendors", {"discovery": {"pciVendors": ["0x23e2", "0x1e3a"]}}, _config()),
+    Case("discovery.drivers", {"discovery": {"drivers": ["stc", "stc_next"]}}, _config()),
     Case(
         "image.repository",
         {"image": {"repository": "registry.example.com/stc-npu-agent"}},
@@ -131,6 +138,9 @@ CASES = [
     ),
     Case(
         "devDir", {"devDir": "/host-root/dev"}, {f"{DS}.volumes.1.hostPath.path": "/host-root/dev"}
+    ),
+    Case(
+        "sysDir", {"sysDir": "/host-root/sys"}, {f"{DS}.volumes.3.hostPath.path": "/host-root/sys"}
     ),
     Case("logLevel", {"logLevel": "debug"}, {f"{C}.env.3.value": "debug"}),  # STC_NPU_LOG_LEVEL
     Case("logFormat", {"logFormat": "json"}, {f"{C}.env.4.value": "json"}),  # STC_NPU_LOG_FORMAT
@@ -222,11 +232,11 @@ CASES = [
                 "GRPC_VERBOSITY": "error",
             }
         },
-        {  # after the chart's own seven variables, sorted by name
-            f"{C}.env.7.name": "GRPC_VERBOSITY",
-            f"{C}.env.7.value": "error",
-            f"{C}.env.8.name": "NODE_NAME",
-            f"{C}.env.8.valueFrom.fieldRef.fieldPath": "spec.nodeName",
+        {  # after the chart's own eight variables, sorted by name
+            f"{C}.env.8.name": "GRPC_VERBOSITY",
+            f"{C}.env.8.value": "error",
+            f"{C}.env.9.name": "NODE_NAME",
+            f"{C}.env.9.valueFrom.fieldRef.fieldPath": "spec.nodeName",
         },
     ),
     Case(
@@ -378,7 +388,9 @@ def test_only_the_kubelet_dir_is_writable(default: Render) -> None:
     assert volumes["host-dev"]["hostPath"] == {"path": "/dev", "type": "Directory"}
     assert mounts["host-dev"]["mountPath"] == "/host/dev"  # never over the container's /dev
     host_paths = {name for name, volume in volumes.items() if "hostPath" in volume}
-    assert host_paths == {"kubelet-device-plugins", "host-dev", "host-hpe"}
+    assert host_paths == {"kubelet-device-plugins", "host-dev", "host-sys", "host-hpe"}
+    assert volumes["host-sys"]["hostPath"] == {"path": "/sys", "type": "Directory"}
+    assert mounts["host-sys"]["mountPath"] == "/host/sys"  # never over the container's /sys
     assert volumes["host-hpe"]["hostPath"] == {"path": "/usr/local/hpe"}
     assert mounts["host-hpe"]["mountPath"] == "/host/hpe"
 
@@ -389,6 +401,7 @@ def test_agent_env_points_at_the_mounts(default: Render) -> None:
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
     assert env["STC_NPU_KUBELET_DIR"] == mounts["kubelet-device-plugins"]
     assert env["STC_NPU_DEV_DIR"] == mounts["host-dev"]
+    assert env["STC_NPU_SYS_DIR"] == mounts["host-sys"]
     assert env["STC_NPU_CONFIG"] == mounts["config"] + "/config.yaml"
     assert "config.yaml" in default.kind("ConfigMap")["data"]
     assert env["STC_NPU_PROBE_ADDRESS"] == ":8081"

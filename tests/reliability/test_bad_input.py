@@ -35,6 +35,10 @@ BAD_CONFIGS = [
     ("discovery: {npuPattern: 5}\n", "discovery.npuPattern: expected a string"),
     ("discovery: {memberPattern: true}\n", "discovery.memberPattern: expected a string"),
     ("discovery: {npuPattern: 'stc[0-9]+'}\n", "discovery.npuPattern: must capture"),
+    (
+        "discovery: {npuPattern: 'stc(?P<index>[0-9]*)'}\n",
+        "discovery.npuPattern: the group 'index' can match an empty string",
+    ),
     ("discovery: 5\n", "discovery: expected a mapping"),
     ("hpe: mapped\n", "hpe: expected a mapping"),
     ("[1, 2]\n", "top level: expected a mapping"),

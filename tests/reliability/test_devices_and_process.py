@@ -230,3 +230,100 @@ def test_socket_is_owner_only_and_no_network_port_without_probes(
     probed.wait_log("probes on http://127.0.0.1", timeout=WAIT)
     assert socket_inodes(probed.process.pid) & inet_inodes(probed.process.pid, listening_only=True)
     assert probed.terminate() == 0
+
+
+# --- what is an NPU (issue 10, items 3-5) ----------------------------------------
+
+
+def refusal(kubelet: KubeletEmulator, device_id: str) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as refused:
+        kubelet.allocate(RESOURCE, [device_id], timeout=WAIT)
+    return refused.value.code()
+
+
+def test_impostor_nodes_are_never_healthy_nor_allocated(
+    kubelet: KubeletEmulator, node: SimNode, start_agent: AgentFactory
+) -> None:
+    node.add_foreign_node("stc7")  # mknod dev/stc7 c 1 3: /dev/null's numbers
+    node.add_npu(4, vendor="0x1234")  # another vendor's card
+    node.bind_driver(1, None)  # static nodes left, no driver bound
+    node.bind_driver(2, "vfio-pci")  # handed to a VM
+    node.replace_with_device("stc3c1", node.devnum("stc0c1"))  # another NPU's cluster
+    agent = start_agent()
+    kubelet.wait_registered(RESOURCE, timeout=WAIT)
+    kubelet.wait_until(lambda: "stc7" in kubelet_view(kubelet), timeout=WAIT, what="stc7 listed")
+    assert kubelet_view(kubelet) == {
+        "stc0": True,
+        "stc1": False,
+        "stc2": False,
+        "stc3": False,
+        "stc4": False,
+        "stc7": False,
+    }
+    for impostor in ("stc1", "stc2", "stc3", "stc4", "stc7"):
+        assert refusal(kubelet, impostor) == grpc.StatusCode.FAILED_PRECONDITION
+    assert kubelet.allocate(RESOURCE, ["stc0"]).devices
+    log = agent.log()
+    assert "stc7: 1:3 is not a PCI device" in log
+    assert "stc4: PCI 0000:07:00.0 vendor 0x1234 is not allowed (0x23e2)" in log
+    assert "stc1: PCI 0000:04:00.0 has no driver bound" in log
+    assert "stc2: PCI 0000:05:00.0 is bound to vfio-pci, not stc" in log
+    assert "stc3c1: 240:2 is stc0c1 by the kernel" in log
+    # Named once per change, not once per scan: rescans for another NPU's
+    # nodes add nothing about stc3.
+    said = log.count("stc3c1: 240:2 is")
+    node.remove_node("stc0ctrl")
+    kubelet.wait_until(lambda: not kubelet_view(kubelet)["stc0"], timeout=WAIT, what="stc0 down")
+    node.restore_node("stc0ctrl")
+    kubelet.wait_until(lambda: kubelet_view(kubelet)["stc0"], timeout=WAIT, what="stc0 back")
+    assert agent.log().count("stc3c1: 240:2 is") == said
+    assert agent.terminate() == 0
+
+
+def test_node_replaced_by_another_device_turns_npu_unhealthy_and_back(
+    kubelet: KubeletEmulator, node: SimNode, start_agent: AgentFactory
+) -> None:
+    agent = start_agent()
+    kubelet.wait_registered(RESOURCE, timeout=WAIT)
+    kubelet.wait_until(lambda: kubelet.allocatable(RESOURCE) == 4, timeout=WAIT, what="4 NPUs")
+    node.replace_with_device("stc2ctrl", (1, 3))
+    kubelet.wait_until(lambda: not kubelet_view(kubelet)["stc2"], timeout=WAIT, what="stc2 down")
+    assert refusal(kubelet, "stc2") == grpc.StatusCode.FAILED_PRECONDITION
+    node.restore_node("stc2ctrl")
+    kubelet.wait_until(lambda: kubelet_view(kubelet)["stc2"], timeout=WAIT, what="stc2 back")
+    assert agent.terminate() == 0
+
+
+def test_partial_npu_is_unhealthy_from_the_first_scan(
+    kubelet: KubeletEmulator, node: SimNode, start_agent: AgentFactory
+) -> None:
+    node.add_npu(4, with_ctrl=False)
+    node.add_npu(5, clusters=3)
+    agent = start_agent()
+    kubelet.wait_registered(RESOURCE, timeout=WAIT)
+    kubelet.wait_until(lambda: len(kubelet_view(kubelet)) == 6, timeout=WAIT, what="6 NPUs")
+    view = kubelet_view(kubelet)
+    assert not view["stc4"]
+    assert not view["stc5"]
+    assert view["stc0"]
+    assert refusal(kubelet, "stc4") == grpc.StatusCode.FAILED_PRECONDITION
+    log = agent.log()
+    assert "missing stc4ctrl" in log
+    assert "missing stc5c3" in log
+    assert agent.terminate() == 0
+
+
+def test_leading_zero_names_are_not_ours(
+    kubelet: KubeletEmulator, node: SimNode, start_agent: AgentFactory
+) -> None:
+    # stc01 would map to index 1 and mix its nodes into stc1's.
+    node.add_foreign_node("stc01", node.devnum("stc1"))
+    node.add_foreign_node("stc01c0", node.devnum("stc1c0"))
+    node.add_foreign_node("stc001ctrl", node.devnum("stc1ctrl"))
+    agent = start_agent()
+    kubelet.wait_registered(RESOURCE, timeout=WAIT)
+    kubelet.wait_until(lambda: kubelet.allocatable(RESOURCE) == 4, timeout=WAIT, what="4 NPUs")
+    assert sorted(kubelet_view(kubelet)) == ["stc0", "stc1", "stc2", "stc3"]
+    paths = sorted(spec.host_path for spec in kubelet.allocate(RESOURCE, ["stc1"]).devices)
+    assert paths == [f"/dev/{name}" for name in sorted(node.node_names(1))]
+    assert agent.terminate() == 0

@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stc_npu_agent.core.allocation import AllocationError, plan_allocation, preferred_allocation
-from stc_npu_agent.core.config import Config
-from stc_npu_agent.core.devices import Inventory, Naming, NodeKind, NodeObservation, PciInfo
+from stc_npu_agent.core.config import Config, DiscoveryConfig
+from stc_npu_agent.core.devices import DeviceRules, Inventory, NodeKind, NodeObservation, PciInfo
 from stc_npu_agent.testing.kubelet import KubeletEmulator
 from stc_npu_agent.testing.simnode import SimNode
 from tests.agent.conftest import RESOURCE
@@ -33,9 +33,25 @@ from .kit import DEVICE_PATH
 NPUS = 6
 SUFFIXES = ["", "c0", "c1", "ctrl"]
 CONFIG = Config()
-NAMING = Naming(CONFIG.discovery.npu_pattern, CONFIG.discovery.member_pattern)
+# The required members: the model's own suffixes.
+RULES = DeviceRules(
+    DiscoveryConfig(required_members=("stc{index}c0", "stc{index}c1", "stc{index}ctrl"))
+)
+NAMING = RULES.naming
 
 # --- the pure core ----------------------------------------------------------
+
+
+def genuine(name: str) -> PciInfo:
+    """The PCI function of an STC NPU, the one of the node's own NPU."""
+    classified = NAMING.classify(name)
+    index = classified[0] if classified else 0
+    return PciInfo(index % 2, "0x23e2", "0x0100", f"0000:{index + 3:02x}:00.0", "stc")
+
+
+def required(index: int) -> set[str]:
+    return set(RULES.required_names(index))
+
 
 # An event: (what, NPU index, which node, how it is broken)
 EVENTS = st.lists(
@@ -77,20 +93,25 @@ def test_core_inventory_and_allocation_invariants(  # noqa: PLR0912
                 nodes[name] = NodeKind.OTHER
         else:
             nodes[name] = NodeKind.CHAR_DEVICE
-        observations = [NodeObservation(n, kind) for n, kind in nodes.items()]
-        pci = {f"stc{i}": PciInfo(numa_node=i % 2) for i in range(NPUS) if f"stc{i}" in nodes}
-        inventory = inventory.updated(observations, NAMING, pci)
+        observations = [
+            NodeObservation(n, kind, (240, position), genuine(n))
+            if kind is NodeKind.CHAR_DEVICE
+            else NodeObservation(n, kind)
+            for position, (n, kind) in enumerate(nodes.items())
+        ]
+        inventory = inventory.updated(observations, RULES)
         for i in range(NPUS):
             own = f"stc{i}"
             if own in nodes or i in ever:
                 ever.setdefault(i, set()).update(
                     n for n in nodes if NAMING.classify(n) == (i, n == own)
                 )
-        # Healthy = present: every node ever seen is a char device now.
+        # Healthy = present: every node ever seen, and every required one, is
+        # a char device now.
         expected = {
             f"stc{i}"
             for i, seen in ever.items()
-            if all(nodes.get(n) is NodeKind.CHAR_DEVICE for n in seen)
+            if all(nodes.get(n) is NodeKind.CHAR_DEVICE for n in seen | required(i))
         }
         assert inventory.healthy_ids() == expected
         assert set(inventory.npus) == {f"stc{i}" for i in ever}  # once seen, listed

@@ -191,3 +191,45 @@ def test_room_for_64_npus_with_distinct_pci_addresses(tmp_path: Path) -> None:
     assert len(pci_dirs) == 64
     assert all(path.is_dir() for path in pci_dirs)
     assert len(list(node.dev_dir.iterdir())) == 64 * 6
+
+
+def test_pci_function_is_on_the_pci_bus(node: SimNode) -> None:
+    subsystem = node.pci_dir(0) / "subsystem"
+    assert subsystem.resolve() == (node.sys_dir / "bus" / "pci").resolve()
+
+
+def test_foreign_node_has_no_pci_parent(node: SimNode) -> None:
+    node.add_foreign_node("stc7")
+    st = os.lstat(node.dev_dir / "stc7")
+    assert stat.S_ISCHR(st.st_mode)
+    assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 3)
+    cdev = node.sys_dir / "dev" / "char" / "1:3"
+    assert (cdev / "dev").read_text() == "1:3\n"
+    assert not os.path.lexists(cdev / "device")
+    node.add_foreign_node("stc8")  # the same numbers again: one sysfs entry
+    with pytest.raises(ValueError, match="already exists"):
+        node.add_foreign_node("stc0")
+
+
+def test_replace_with_device_keeps_the_name(node: SimNode) -> None:
+    node.replace_with_device("stc0c1", node.devnum("stc1c1"))
+    st = os.lstat(node.dev_dir / "stc0c1")
+    assert stat.S_ISCHR(st.st_mode)
+    assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == node.devnum("stc1c1")
+
+
+def test_bind_driver_rebinds_and_unbinds(node: SimNode) -> None:
+    drivers = node.sys_dir / "bus" / "pci" / "drivers"
+    pci = node.pci_dir(0)
+    node.bind_driver(0, "vfio-pci")
+    assert (pci / "driver").resolve() == (drivers / "vfio-pci").resolve()
+    assert (drivers / "vfio-pci" / node.bdf(0)).resolve() == pci.resolve()
+    assert not os.path.lexists(drivers / "stc" / node.bdf(0))
+    node.bind_driver(0, None)
+    assert not os.path.lexists(pci / "driver")
+    assert not os.path.lexists(drivers / "vfio-pci" / node.bdf(0))
+    assert stat.S_ISCHR(os.lstat(node.dev_dir / "stc0").st_mode)  # nodes stay
+    node.bind_driver(0, "stc")
+    node.unplug(0)
+    node.replug(0)
+    assert (pci / "driver").resolve() == (drivers / "stc").resolve()

@@ -32,9 +32,14 @@ from pathlib import Path
 import grpc
 
 from stc_npu_agent.core.config import Config
-from stc_npu_agent.core.devices import HealthCheck, Naming
+from stc_npu_agent.core.devices import DeviceRules, HealthCheck
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
-from stc_npu_agent.plugin import PLUGIN_OPTIONS, DevicePluginService, StreamTracker
+from stc_npu_agent.plugin import (
+    PLUGIN_OPTIONS,
+    DevicePluginService,
+    StreamTracker,
+    allocation_document,
+)
 from stc_npu_agent.state import DeviceState
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 from stc_npu_agent.watch import DirectoryWatcher
@@ -153,14 +158,14 @@ class Agent:
         self.kubelet_dir = Path(kubelet_dir)
         self.kubelet_socket = self.kubelet_dir / KUBELET_SOCKET
         self.config = config
-        naming = Naming(config.discovery.npu_pattern, config.discovery.member_pattern)
-        self.naming = naming
-        self.scanner = DeviceScanner(dev_dir, sys_dir, naming)
+        rules = DeviceRules(config.discovery)
+        self.naming = rules.naming
+        self.scanner = DeviceScanner(dev_dir, sys_dir, rules)
         self.checks = tuple(checks)
         # asyncio objects bind to the loop on first use (Python 3.10+), so
         # they can be made here, before run() starts the loop; the probes
         # may read the state from their thread before that.
-        self.state = DeviceState(self.scanner, naming, self.checks)
+        self.state = DeviceState(self.scanner, self.checks)
         self.watcher: DirectoryWatcher  # needs the loop: made in run()
         self.instance: PluginInstance | None = None
         self.registered = False
@@ -201,11 +206,17 @@ class Agent:
                         "address": npu.pci.address,
                         "vendor": npu.pci.vendor,
                         "device": npu.pci.device,
+                        "driver": npu.pci.driver,
                     },
                 }
                 for npu in self.state.inventory.ordered()
             ],
         }
+
+    def allocation(self, ids: Sequence[str]) -> dict[str, object]:
+        """What Allocate would answer for ``ids`` now (the probes' /allocate,
+        for `diagnose --allocate`): reads only, no log line, no rescan."""
+        return allocation_document(self.state.inventory, self.scanner, ids, self.config.hpe)
 
     # --- signals ---
 

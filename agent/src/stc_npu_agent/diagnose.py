@@ -2,14 +2,19 @@
 
 Reads the same flags and config as the agent (in the pod, the same
 environment), scans the devices with the same code, and asks the sockets in
-the kubelet dir whether they answer. It never opens a ListAndWatch stream on
-the running agent: closing it would look like the kubelet leaving.
+the kubelet dir whether they answer. Where the probe address is known, the
+running agent's own view wins: its /status (it remembers NPUs that vanished)
+and its /allocate, the very answer its Allocate would give now; without it,
+a one-shot scan stands in, and the report says which it is. It never opens a
+ListAndWatch stream on the running agent: closing it would look like the
+kubelet leaving.
 """
 
 from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,10 +25,10 @@ import grpc
 
 from stc_npu_agent import __version__
 from stc_npu_agent.agent import KUBELET_SOCKET, SOCKET_PREFIX, unix_socket_state
-from stc_npu_agent.core.allocation import AllocationError, plan_allocation
 from stc_npu_agent.core.config import Config
-from stc_npu_agent.core.devices import Inventory, Naming, PciInfo
+from stc_npu_agent.core.devices import DeviceRules, Inventory, PciInfo
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
+from stc_npu_agent.plugin import allocation_document
 from stc_npu_agent.probes import parse_address
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 
@@ -53,42 +58,50 @@ def _plugin_options(path: Path) -> dict[str, bool] | None:
     }
 
 
+def _probe_url(probe_address: str) -> str:
+    host, port = parse_address(probe_address)
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 (a bind-all address is reached locally)
+        host = "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _get_json(url: str) -> tuple[dict[str, Any] | None, str]:
+    """The JSON document at ``url``, and where it came from or why there is none."""
+    try:
+        # Always an http:// URL made from the probe address (_probe_url).
+        with urllib.request.urlopen(url, timeout=2.0) as response:  # noqa: S310
+            document: dict[str, Any] = json.loads(response.read())
+    except (OSError, ValueError) as error:
+        return None, f"the agent's probe at {url} did not answer ({error})"
+    return document, f"from {url}"
+
+
 def _agent_status(probe_address: str | None) -> tuple[dict[str, Any] | None, str]:
     """The running agent's own view from its /status endpoint, and where it came from."""
     if not probe_address:
         return None, "no probe address configured (--probe-address)"
-    host, port = parse_address(probe_address)
-    if host in ("", "0.0.0.0", "::"):  # noqa: S104 (a bind-all address is reached locally)
-        host = "127.0.0.1"
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/status"
-    try:
-        with urllib.request.urlopen(url, timeout=2.0) as response:
-            status: dict[str, Any] = json.loads(response.read())
-    except (OSError, ValueError) as error:
-        return None, f"the agent's probe at {url} did not answer ({error})"
-    return status, f"from {url}"
+    return _get_json(f"{_probe_url(probe_address)}/status")
 
 
-def _allocation(inventory: Inventory, device_id: str, config: Config) -> dict[str, Any]:
-    try:
-        plan = plan_allocation(inventory, [device_id], config.hpe)
-    except AllocationError as error:
-        return {"error": {"code": error.kind.name, "message": error.message}}
-    return {
-        "devices": [
-            {
-                "hostPath": d.host_path,
-                "containerPath": d.container_path,
-                "permissions": d.permissions,
-            }
-            for d in plan.devices
-        ],
-        "mounts": [
-            {"hostPath": m.host_path, "containerPath": m.container_path, "readOnly": m.read_only}
-            for m in plan.mounts
-        ],
-        "envs": dict(plan.envs),
-    }
+def _allocation(
+    device_id: str,
+    agent: tuple[str, str] | None,
+    inventory: Inventory,
+    scanner: DeviceScanner,
+    config: Config,
+) -> dict[str, Any]:
+    """The Allocate answer for ``device_id``: the running agent's own where it
+    answers (``agent`` is its probe URL and why it is used, or None and why
+    not), else the same code on a one-shot scan. Says which, and why."""
+    why_not = "no probe address configured (--probe-address)"
+    if agent is not None:
+        query = urllib.parse.urlencode({"id": device_id})
+        answer, detail = _get_json(f"{agent[0]}/allocate?{query}")
+        if answer is not None:
+            return {**answer, "source": "agent", "sourceDetail": detail}
+        why_not = detail
+    answer = allocation_document(inventory, scanner, [device_id], config.hpe)
+    return {**answer, "source": "scan", "sourceDetail": why_not}
 
 
 def _npu_entries(
@@ -126,6 +139,7 @@ def _npu_entries(
                     "address": pci.address,
                     "vendor": pci.vendor,
                     "device": pci.device,
+                    "driver": pci.driver,
                     "isStreamComputing": pci.vendor == STC_PCI_VENDOR,
                 },
             }
@@ -135,9 +149,9 @@ def _npu_entries(
 
 def collect(paths: Paths, config: Config, allocate: Sequence[str] = ()) -> dict[str, Any]:
     """Everything diagnose reports, as plain data (the JSON output)."""
-    naming = Naming(config.discovery.npu_pattern, config.discovery.member_pattern)
-    observations, pci_by_id = DeviceScanner(paths.dev_dir, paths.sys_dir, naming).scan()
-    inventory = Inventory().updated(observations, naming, pci_by_id)
+    rules = DeviceRules(config.discovery)
+    scanner = DeviceScanner(paths.dev_dir, paths.sys_dir, rules)
+    inventory = Inventory().updated(scanner.scan(), rules)
     problems: list[str] = []
     if not paths.dev_dir.is_dir():
         problems.append(f"device dir {paths.dev_dir} does not exist")
@@ -148,12 +162,10 @@ def collect(paths: Paths, config: Config, allocate: Sequence[str] = ()) -> dict[
     # cannot, so the agent's view wins where it can be had.
     status, status_detail = _agent_status(paths.probe_address)
     npus = _npu_entries(inventory, {npu["id"]: npu for npu in status["npus"]} if status else {})
+    # Impostors (another vendor, driver or device) are named in the reason.
     for entry in npus:
         if entry["health"] != "Healthy":
             problems.append(f"{entry['id']} is Unhealthy: {entry['reason']}")
-        vendor = entry["pci"]["vendor"]
-        if vendor is not None and vendor != STC_PCI_VENDOR:
-            problems.append(f"{entry['id']}: PCI vendor {vendor} is not {STC_PCI_VENDOR}")
 
     kubelet_state = unix_socket_state(paths.kubelet_dir / KUBELET_SOCKET)
     if kubelet_state != "answers":
@@ -172,6 +184,9 @@ def collect(paths: Paths, config: Config, allocate: Sequence[str] = ()) -> dict[
                 )
     if not any(sock["state"] == "answers" for sock in own):
         problems.append(f"no agent socket answers in {paths.kubelet_dir}")
+    agent = (
+        (_probe_url(paths.probe_address), status_detail) if status and paths.probe_address else None
+    )
     registered = bool(status["ready"]) if status else None
     if registered is False:
         problems.append("the agent is not registered with the kubelet (or has no stream)")
@@ -202,7 +217,8 @@ def collect(paths: Paths, config: Config, allocate: Sequence[str] = ()) -> dict[
         },
         "hpe": {"mode": config.hpe.mode, "hostPath": config.hpe.host_path, "problem": hpe},
         "allocate": {
-            device_id: _allocation(inventory, device_id, config) for device_id in allocate
+            device_id: _allocation(device_id, agent, inventory, scanner, config)
+            for device_id in allocate
         },
         "problems": problems,
     }
@@ -226,7 +242,8 @@ def render_text(report: dict[str, Any]) -> str:
         pci = npu["pci"]
         lines.append(
             f"  {npu['id']:<6} {npu['health']:<9} NUMA {numa}  PCI {pci['address'] or '?'} "
-            f"vendor {pci['vendor'] or '?'} device {pci['device'] or '?'}"
+            f"vendor {pci['vendor'] or '?'} device {pci['device'] or '?'} "
+            f"driver {pci['driver'] or 'none'}"
         )
         nodes = " ".join(n["name"] if n["present"] else f"!{n['name']}" for n in npu["nodes"])
         lines.append(f"         nodes: {nodes}")
@@ -245,18 +262,7 @@ def render_text(report: dict[str, Any]) -> str:
     registered = {True: "yes", False: "no", None: "unknown"}[agent["registered"]]
     lines.append(f"registered: {registered} ({agent['registeredDetail']})")
     for device_id, answer in report["allocate"].items():
-        lines += ["", f"Allocate [{device_id}] would answer:"]
-        if "error" in answer:
-            lines.append(f"  error {answer['error']['code']}: {answer['error']['message']}")
-            continue
-        for device in answer["devices"]:
-            host, container = device["hostPath"], device["containerPath"]
-            lines.append(f"  device {host} -> {container} ({device['permissions']})")
-        for mount in answer["mounts"]:
-            mode = "read-only" if mount["readOnly"] else "read-write"
-            lines.append(f"  mount  {mount['hostPath']} -> {mount['containerPath']} ({mode})")
-        for key, value in sorted(answer["envs"].items()):
-            lines.append(f"  env    {key}={value}")
+        lines += ["", *_render_allocation(device_id, answer)]
     lines.append("")
     if report["problems"]:
         lines.append(f"problems ({len(report['problems'])}):")
@@ -264,6 +270,26 @@ def render_text(report: dict[str, Any]) -> str:
     else:
         lines.append("no problems found")
     return "\n".join(lines) + "\n"
+
+
+def _render_allocation(device_id: str, answer: dict[str, Any]) -> list[str]:
+    if answer["source"] == "agent":
+        source = f"answered by the running agent ({answer['sourceDetail']})"
+    else:
+        source = f"would answer, by a one-shot scan ({answer['sourceDetail']})"
+    lines = [f"Allocate [{device_id}] {source}:"]
+    if "error" in answer:
+        lines.append(f"  error {answer['error']['code']}: {answer['error']['message']}")
+        return lines
+    for device in answer["devices"]:
+        host, container = device["hostPath"], device["containerPath"]
+        lines.append(f"  device {host} -> {container} ({device['permissions']})")
+    for mount in answer["mounts"]:
+        mode = "read-only" if mount["readOnly"] else "read-write"
+        lines.append(f"  mount  {mount['hostPath']} -> {mount['containerPath']} ({mode})")
+    for key, value in sorted(answer["envs"].items()):
+        lines.append(f"  env    {key}={value}")
+    return lines
 
 
 def run_diagnose(paths: Paths, config: Config, allocate: Sequence[str], as_json: bool) -> int:

@@ -5,67 +5,117 @@ OS paths are parameters so tests and the demo run on a simulated node.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 from stc_npu_agent.core.config import Config
-from stc_npu_agent.core.devices import Naming, NodeKind, NodeObservation, PciInfo
+from stc_npu_agent.core.devices import DeviceRules, NodeKind, NodeObservation, PciInfo
 
 log = logging.getLogger(__name__)
 
 
 class DeviceScanner:
-    def __init__(self, dev_dir: str | Path, sys_dir: str | Path, naming: Naming) -> None:
+    def __init__(self, dev_dir: str | Path, sys_dir: str | Path, rules: DeviceRules) -> None:
         self.dev_dir = Path(dev_dir)
         self.sys_dir = Path(sys_dir)
-        self.naming = naming
-        # sysfs is read once per (node, device number): a driver reload that
-        # renumbers the device is read again, a steady device is not.
-        self._pci_cache: dict[tuple[str, tuple[int, int]], PciInfo] = {}
+        self.rules = rules
+        # Entries whose scan raised, named once each (see scan()).
+        self._failed: set[str] = set()
+        # The PCI function each device number resolved to, by the target of
+        # its /sys/dev/char link: resolving takes ~50 syscalls, comparing the
+        # link one. A new device with the same numbers has another target.
+        self._functions: dict[tuple[int, int], tuple[str, _Function]] = {}
+        self._char_dir = os.path.join(self.sys_dir, "dev", "char")
 
-    def scan(self) -> tuple[list[NodeObservation], dict[str, PciInfo]]:
-        """Matching nodes in the device dir, and PCI info for NPUs' own nodes.
+    def scan(self) -> list[NodeObservation]:
+        """Every node in the device dir whose name matches, with what sysfs
+        says is behind it.
 
         A missing or unreadable device dir is an empty scan (every known NPU
-        turns Unhealthy), never an exception: the agent keeps serving.
+        turns Unhealthy), never an exception: the agent keeps serving. Each
+        entry stands alone: one that cannot be read is absent, and even an
+        unforeseen error in one entry costs only that entry.
         """
-        observations: list[NodeObservation] = []
-        pci: dict[str, PciInfo] = {}
         try:
             entries = list(os.scandir(self.dev_dir))
         except OSError as error:
             log.debug("cannot list %s: %s", self.dev_dir, error)
-            return observations, pci
+            return []
+        observations: list[NodeObservation] = []
         for entry in entries:
-            classified = self.naming.classify(entry.name)
-            if classified is None:
+            try:
+                observation = self._observe(entry)
+            except Exception:  # one odd entry must not hide the NPUs
+                if entry.name not in self._failed:
+                    self._failed.add(entry.name)
+                    log.exception("skipping %s in %s", entry.name, self.dev_dir)
                 continue
-            observation = _observe(entry)
-            if observation is None:
-                continue
-            observations.append(observation)
-            if classified[1] and observation.rdev is not None:
-                pci[entry.name] = self.pci_info(entry.name, observation.rdev)
-        return observations, pci
+            if observation is not None:
+                observations.append(observation)
+        return observations
 
-    def pci_info(self, name: str, rdev: tuple[int, int]) -> PciInfo:
-        key = (name, rdev)
-        if key not in self._pci_cache:
-            self._pci_cache[key] = read_pci_info(self.sys_dir, rdev)
-        return self._pci_cache[key]
-
-
-def _observe(entry: os.DirEntry[str]) -> NodeObservation | None:
-    try:
-        info = entry.stat(follow_symlinks=False)
-    except OSError:
-        return None  # vanished between listing and stat: as good as absent
-    if stat.S_ISCHR(info.st_mode):
+    def _observe(self, entry: os.DirEntry[str]) -> NodeObservation | None:
+        if self.rules.classify(entry.name) is None:
+            return None
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            return None  # vanished between listing and stat: as good as absent
+        if not stat.S_ISCHR(info.st_mode):
+            return NodeObservation(entry.name, NodeKind.OTHER)
         rdev = (os.major(info.st_rdev), os.minor(info.st_rdev))
-        return NodeObservation(entry.name, NodeKind.CHAR_DEVICE, rdev)
-    return NodeObservation(entry.name, NodeKind.OTHER)
+        return self._char_device(entry.name, rdev)
+
+    def _char_device(self, name: str, rdev: tuple[int, int]) -> NodeObservation:
+        """A char device node and the PCI function sysfs resolves it to.
+
+        /sys/dev/char/<major>:<minor> links to the class device; without it no
+        device has these numbers (the kernel removed it and udev has yet to
+        remove the node, or the node was made by hand). The driver is read on
+        every scan: a function can be rebound without its nodes changing.
+        Never raises: what cannot be read (EACCES included) is the node's
+        ``unresolved`` reason, and is tried again on the next scan.
+        """
+        devnum = f"{rdev[0]}:{rdev[1]}"
+        # Plain strings, not Path: this runs for every node on every scan.
+        link = os.path.join(self._char_dir, devnum)
+        try:
+            target: str | None = os.readlink(link)
+        except FileNotFoundError:
+            self._functions.pop(rdev, None)
+            return NodeObservation(name, NodeKind.NO_DEVICE, rdev)
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                return NodeObservation(
+                    name, NodeKind.CHAR_DEVICE, rdev, None, _cannot(devnum, error)
+                )
+            target = None  # not a symlink (a copied tree?): resolve every time
+        cached = self._functions.get(rdev)
+        if target is None or cached is None or cached[0] != target:
+            function = resolve_function(Path(link), devnum)
+            if target is not None and function.pci is not None:
+                self._functions[rdev] = (target, function)
+        else:
+            function = cached[1]
+        if function.pci is None:
+            return NodeObservation(name, NodeKind.CHAR_DEVICE, rdev, None, function.unresolved)
+        kernel_name = os.path.basename(target) if target is not None else function.kernel_name
+        pci = function.with_driver()
+        return NodeObservation(name, NodeKind.CHAR_DEVICE, rdev, pci, kernel_name=kernel_name)
+
+    def devnum(self, name: str) -> tuple[int, int] | None:
+        """(major, minor) of node ``name`` now; None unless a char device."""
+        try:
+            info = os.lstat(self.dev_dir / name)
+        except OSError:
+            return None
+        if not stat.S_ISCHR(info.st_mode):
+            return None
+        return os.major(info.st_rdev), os.minor(info.st_rdev)
 
 
 def _read_text(path: Path) -> str | None:
@@ -75,31 +125,64 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def read_pci_info(sys_dir: Path, rdev: tuple[int, int]) -> PciInfo:
-    """PCI facts for a char device via /sys/dev/char/<major>:<minor>/device.
+def _link_name(path: str) -> str | None:
+    """The last part of where symlink ``path`` leads; None if there is none."""
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
 
-    That link leads to the class device; its ``device`` link to the parent
-    PCI function, which holds ``numa_node`` (-1: no NUMA information),
-    ``vendor`` and ``device``. Anything missing reads as None.
-    """
-    class_device = sys_dir / "dev" / "char" / f"{rdev[0]}:{rdev[1]}"
-    parent = class_device / "device"
-    numa_text = _read_text(parent / "numa_node")
+
+class _Function:
+    """What a class device's parent is: a PCI function, or why it is none."""
+
+    def __init__(
+        self, path: Path | None, pci: PciInfo | None, unresolved: str = "", kernel_name: str = ""
+    ) -> None:
+        self.pci = pci  # without the driver: that is read on every scan
+        self.unresolved = unresolved
+        self.kernel_name = kernel_name  # the class device's name
+        self._driver_link = os.path.join(path, "driver") if path is not None else ""
+        self._last: PciInfo | None = None
+
+    def with_driver(self) -> PciInfo:
+        """The PCI facts with the driver bound now (the same object while it is)."""
+        assert self.pci is not None
+        driver = _link_name(self._driver_link)
+        if self._last is None or self._last.driver != driver:
+            self._last = replace(self.pci, driver=driver)
+        return self._last
+
+
+def _cannot(devnum: str, error: OSError) -> str:
+    return f"cannot read sysfs for {devnum}: {error.strerror}"
+
+
+def resolve_function(class_device: Path, devnum: str) -> _Function:
+    """The parent of a class device, when it is a PCI function (its
+    ``subsystem`` is the pci bus), with ``vendor``, ``device`` and
+    ``numa_node`` (-1: no NUMA information)."""
+    try:
+        kernel_name = os.path.basename(os.path.realpath(class_device, strict=True))
+        function = Path(os.path.realpath(class_device / "device", strict=True))
+        bus = os.path.basename(os.path.realpath(function / "subsystem", strict=True))
+    except FileNotFoundError:
+        return _Function(None, None, f"{devnum} is not a PCI device")
+    except OSError as error:
+        return _Function(None, None, _cannot(devnum, error))
+    if bus != "pci":
+        return _Function(None, None, f"{devnum} is not a PCI device (it is on the {bus} bus)")
+    numa_text = _read_text(function / "numa_node")
     numa: int | None = None
     if numa_text is not None and numa_text.lstrip("-").isdigit() and int(numa_text) >= 0:
         numa = int(numa_text)
-    try:
-        address: str | None = os.path.basename(os.path.realpath(parent))
-    except OSError:
-        address = None
-    if not parent.exists():
-        address = None
-    return PciInfo(
+    pci = PciInfo(
         numa_node=numa,
-        vendor=_read_text(parent / "vendor"),
-        device=_read_text(parent / "device"),
-        address=address,
+        vendor=_read_text(function / "vendor"),
+        device=_read_text(function / "device"),
+        address=function.name,
     )
+    return _Function(function, pci, kernel_name=kernel_name)
 
 
 def hpe_problem(config: Config, hpe_dir: Path) -> str | None:

@@ -1,12 +1,15 @@
 """The v1beta1.DevicePlugin gRPC service: translates between protobuf and the core.
 
-Holds no discovery or policy logic of its own.
+Holds no discovery or policy logic of its own. ``checked_allocation`` is the
+one Allocate answer, shared with `diagnose` (and the probe server's
+``/allocate``), which show it as JSON (``allocation_document``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -19,6 +22,7 @@ from stc_npu_agent.core.allocation import (
 )
 from stc_npu_agent.core.config import HpeConfig
 from stc_npu_agent.core.devices import Inventory
+from stc_npu_agent.discovery import DeviceScanner
 from stc_npu_agent.state import DeviceState
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 
@@ -66,6 +70,52 @@ def allocate_response(plan: ContainerAllocation) -> api_pb2.ContainerAllocateRes
             for spec in plan.devices
         ],
     )
+
+
+def checked_allocation(
+    inventory: Inventory, scanner: DeviceScanner, ids: Sequence[str], hpe: HpeConfig
+) -> ContainerAllocation:
+    """The Allocate answer for one container: the core's plan, once every node
+    it hands out is checked to still be the char device the scan saw (a node
+    replaced since, e.g. by ``mknod``, is refused, not handed out rw)."""
+    plan = plan_allocation(inventory, ids, hpe)
+    changed = [
+        name
+        for device_id in ids
+        for name, devnum in inventory.npus[device_id].devnums.items()
+        if scanner.devnum(name) != devnum
+    ]
+    if changed:
+        raise AllocationError(
+            ErrorKind.FAILED_PRECONDITION,
+            f"device nodes changed since the last scan: {', '.join(changed)}",
+        )
+    return plan
+
+
+def allocation_document(
+    inventory: Inventory, scanner: DeviceScanner, ids: Sequence[str], hpe: HpeConfig
+) -> dict[str, Any]:
+    """``checked_allocation`` as JSON-ready data: the answer, or the error."""
+    try:
+        plan = checked_allocation(inventory, scanner, ids, hpe)
+    except AllocationError as error:
+        return {"error": {"code": error.kind.name, "message": error.message}}
+    return {
+        "devices": [
+            {
+                "hostPath": d.host_path,
+                "containerPath": d.container_path,
+                "permissions": d.permissions,
+            }
+            for d in plan.devices
+        ],
+        "mounts": [
+            {"hostPath": m.host_path, "containerPath": m.container_path, "readOnly": m.read_only}
+            for m in plan.mounts
+        ],
+        "envs": dict(plan.envs),
+    }
 
 
 class StreamTracker:
@@ -125,11 +175,13 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
         for container in request.container_requests:
             ids = list(container.devices_ids)
             try:
-                plan = plan_allocation(self.state.inventory, ids, self.hpe)
+                plan = checked_allocation(self.state.inventory, self.state.scanner, ids, self.hpe)
             except AllocationError as error:
                 log.warning("Allocate refused: %s", error.message)
                 if error.kind is ErrorKind.FAILED_PRECONDITION:
-                    # The API's rule: on failure, send the kubelet the list again.
+                    # The API's rule: on failure, send the kubelet the list
+                    # again, after a look at what changed.
+                    self.state.schedule_rescan()
                     self.state.wake()
                 await context.abort(_GRPC_CODES[error.kind], error.message)
             log.info(

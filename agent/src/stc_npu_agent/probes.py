@@ -24,10 +24,11 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol
+from urllib.parse import parse_qs
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class ProbeTarget(Protocol):
 
     def status(self) -> dict[str, object]: ...
 
+    def allocation(self, ids: Sequence[str]) -> dict[str, object]: ...
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -65,7 +68,9 @@ class Reply:
     content_type: str = "text/plain; charset=utf-8"
 
 
-Route = Callable[[], Reply]
+# An endpoint gets the request's query parameters (name -> values).
+Query = dict[str, list[str]]
+Route = Callable[[Query], Reply]
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -117,6 +122,7 @@ class ProbeServer:
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/status": self._status,
+            "/allocate": self._allocate,
         }
         host, port = parse_address(address)
         self._listener = _listen(host, port)
@@ -137,17 +143,21 @@ class ProbeServer:
 
     # --- the endpoints ---
 
-    def _healthz(self) -> Reply:
+    def _healthz(self, query: Query) -> Reply:
         age = time.monotonic() - self.target.heartbeat
         return Reply(200 if age < STALE_AFTER else 503, f"loop heartbeat {age:.1f} s ago")
 
-    def _readyz(self) -> Reply:
+    def _readyz(self, query: Query) -> Reply:
         if self.target.ready:
             return Reply(200, "registered and streaming")
         return Reply(503, "not registered with the kubelet")
 
-    def _status(self) -> Reply:
+    def _status(self, query: Query) -> Reply:
         return Reply(200, json.dumps(self.target.status(), sort_keys=True))
+
+    def _allocate(self, query: Query) -> Reply:
+        """What Allocate would answer now for ``?id=A&id=B`` (read-only)."""
+        return Reply(200, json.dumps(self.target.allocation(query.get("id", [])), sort_keys=True))
 
     # --- lifecycle ---
 
@@ -266,12 +276,13 @@ class ProbeServer:
         if method not in (b"GET", b"HEAD"):
             self._answer(connection, Reply(405, "only GET and HEAD"), head_only=False)
             return
-        route = self.routes.get(target.split("?", 1)[0])
+        path, _, query = target.partition("?")
+        route = self.routes.get(path)
         if route is None:
             reply = Reply(404, "not found")
         else:
             try:
-                reply = route()
+                reply = route(parse_qs(query))
             except Exception:
                 log.exception("probe %s failed", target)
                 reply = Reply(500, "internal error (see the agent's log)")

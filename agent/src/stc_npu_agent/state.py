@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from stc_npu_agent.core.devices import HealthCheck, Inventory, Naming, describe_changes
+from stc_npu_agent.core.devices import DeviceRules, HealthCheck, Inventory, describe_changes
 from stc_npu_agent.discovery import DeviceScanner
 
 log = logging.getLogger(__name__)
@@ -29,32 +29,33 @@ def kubelet_view(inventory: Inventory) -> KubeletView:
 
 
 class DeviceState:
-    def __init__(
-        self, scanner: DeviceScanner, naming: Naming, checks: Sequence[HealthCheck] = ()
-    ) -> None:
+    def __init__(self, scanner: DeviceScanner, checks: Sequence[HealthCheck] = ()) -> None:
         self.scanner = scanner
-        self.naming = naming
+        self.rules: DeviceRules = scanner.rules
         self.checks = tuple(checks)
         self.inventory = Inventory()
         self.rescans = 0
         self._view: KubeletView = ()
         self._changed = asyncio.Event()
         self._rescan_pending = False
+        # One timer per settle deadline: every rescan while an NPU settles
+        # sees the same deadline, and must not add a timer of its own.
+        self._settle_timers: dict[float, asyncio.TimerHandle] = {}
 
     def rescan(self) -> bool:
         """Scan now; wake the streams if the kubelet's view changed."""
         self._rescan_pending = False
         self.rescans += 1
-        observations, pci = self.scanner.scan()
+        observations = self.scanner.scan()
         before = self.inventory
         loop = asyncio.get_running_loop()
         self.inventory = before.updated(
-            observations, self.naming, pci, self.checks, now=loop.time(), settle=SETTLE_SECONDS
+            observations, self.rules, self.checks, now=loop.time(), settle=SETTLE_SECONDS
         )
         settles_at = self.inventory.settles_at()
-        if settles_at is not None:
+        if settles_at is not None and settles_at not in self._settle_timers:
             # Look again when a new NPU's settle time is over.
-            loop.call_at(settles_at, self.schedule_rescan)
+            self._settle_timers[settles_at] = loop.call_at(settles_at, self._settled, settles_at)
         for line in describe_changes(before, self.inventory):
             log.info("device %s", line)
         view = kubelet_view(self.inventory)
@@ -63,6 +64,10 @@ class DeviceState:
         self._view = view
         self.wake()
         return True
+
+    def _settled(self, deadline: float) -> None:
+        del self._settle_timers[deadline]
+        self.schedule_rescan()
 
     def schedule_rescan(self) -> None:
         """Coalesce a burst of file system events into one rescan."""

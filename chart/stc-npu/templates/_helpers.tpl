@@ -58,6 +58,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 /host/dev
 {{- end -}}
 
+{{/* Where the host's sysDir appears inside the agent container. */}}
+{{- define "stc-npu.hostSysMount" -}}
+/host/sys
+{{- end -}}
+
 {{/* Where the host's hpe.hostPath appears inside the agent container (mapped mode). */}}
 {{- define "stc-npu.hostHpeMount" -}}
 /host/hpe
@@ -70,7 +75,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{/*
 The agent's config file. Only resourceName, hpe and discovery, written
 field by field in a fixed order (the agent's own order), so the file and
-its checksum depend only on these values.
+its checksum depend only on these values. The discovery lists came after
+0.1.0: an upgrade with --reuse-values has none, and the agent's defaults
+(the same as values.yaml's) apply.
 */}}
 {{- define "stc-npu.configFile" -}}
 resourceName: {{ .Values.resourceName | quote }}
@@ -81,6 +88,11 @@ hpe:
 discovery:
   npuPattern: {{ .Values.discovery.npuPattern | quote }}
   memberPattern: {{ .Values.discovery.memberPattern | quote }}
+{{- range $key := list "requiredMembers" "pciVendors" "drivers" }}
+{{- if hasKey $.Values.discovery $key }}
+  {{ $key }}: {{ get $.Values.discovery $key | toJson }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/*
@@ -90,7 +102,7 @@ exec ... -- stc-npu-agent diagnose` inherits the container's environment but
 not its args, so the agent and diagnose run in its pod see the same settings.
 STC_NPU_HPE_DIR (mapped mode only) comes last, so that hpe.mode changes nothing
 but its own entry. templates/validate.yaml refuses extraEnv entries with these
-names; the agent keeps its default for STC_NPU_SYS_DIR (the container's /sys).
+names.
 */}}
 {{- define "stc-npu.agentEnv" -}}
 - name: STC_NPU_KUBELET_DIR
@@ -105,6 +117,8 @@ names; the agent keeps its default for STC_NPU_SYS_DIR (the container's /sys).
   value: {{ .Values.logFormat | quote }}
 - name: STC_NPU_PROBE_ADDRESS
   value: {{ printf ":%d" (int .Values.probes.port) | quote }}
+- name: STC_NPU_SYS_DIR
+  value: {{ include "stc-npu.hostSysMount" . | quote }}
 {{- if eq .Values.hpe.mode "mapped" }}
 - name: STC_NPU_HPE_DIR
   value: {{ include "stc-npu.hostHpeMount" . | quote }}

@@ -8,9 +8,10 @@ are camelCase and have the same shape as the chart's ``config`` values.
 
 from __future__ import annotations
 
+import importlib
 import posixpath
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +25,14 @@ DEFAULT_HPE_PATH = "/usr/local/hpe"
 # other card generations may name nodes differently: hence patterns.
 DEFAULT_NPU_PATTERN = r"stc(?P<index>[0-9]+)"
 DEFAULT_MEMBER_PATTERN = r"stc(?P<index>[0-9]+)(c[0-9]+|ctrl)"
+# The members every NPU must have before it is Healthy (the vendor documents
+# four clusters and a control node), as names with the NPU index in {index}.
+DEFAULT_REQUIRED_MEMBERS = (*(f"stc{{index}}c{k}" for k in range(4)), "stc{index}ctrl")
+# What every node must resolve to in sysfs: a PCI function of one of these
+# vendors (0x23e2: Stream Computing), bound to one of these kernel drivers.
+DEFAULT_PCI_VENDORS = ("0x23e2",)
+DEFAULT_DRIVERS = ("stc",)
+INDEX = "{index}"
 
 
 class ConfigError(ValueError):
@@ -43,6 +52,10 @@ class DiscoveryConfig:
     # capture the NPU index in a group named "index".
     npu_pattern: str = DEFAULT_NPU_PATTERN
     member_pattern: str = DEFAULT_MEMBER_PATTERN
+    required_members: tuple[str, ...] = DEFAULT_REQUIRED_MEMBERS
+    # Lower case, as sysfs writes them ("0x23e2").
+    pci_vendors: tuple[str, ...] = DEFAULT_PCI_VENDORS
+    drivers: tuple[str, ...] = DEFAULT_DRIVERS
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,9 @@ class Config:
             "discovery": {
                 "npuPattern": self.discovery.npu_pattern,
                 "memberPattern": self.discovery.member_pattern,
+                "requiredMembers": list(self.discovery.required_members),
+                "pciVendors": list(self.discovery.pci_vendors),
+                "drivers": list(self.discovery.drivers),
             },
         }
 
@@ -138,7 +154,128 @@ def _index_pattern(key: str, value: object) -> str:
         raise ConfigError(f"{key}: not a valid regular expression ({error}): {text!r}") from None
     if "index" not in compiled.groupindex:
         raise ConfigError(f"{key}: must capture the NPU index in a group named 'index': {text!r}")
+    problem = _index_group_problem(text, compiled.groupindex["index"])
+    if problem:
+        raise ConfigError(f"{key}: the group 'index' {problem}: {text!r}")
     return text
+
+
+# The re module's own parser (private, the same since Python 3.11): only it
+# can tell whether a group may be skipped or match nothing. Taken as Any, as
+# it has no type stubs.
+_REGEX_PARSER: Any = importlib.import_module("re._parser")
+_REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
+
+
+def _index_group_problem(pattern: str, group: int) -> str | None:
+    """Why the index group would let a matching name go without an index.
+
+    A node name the pattern matches with an empty index (``stc`` for
+    ``stc(?P<index>[0-9]*)``), or with the group not taking part, has no NPU
+    to belong to: such patterns are refused here, and scanning skips such
+    names whatever the pattern (``core.devices.Naming``).
+    """
+    found = _find_group(_REGEX_PARSER.parse(pattern), group, optional=False)
+    if found is None:
+        return None  # cannot happen: the group exists
+    optional, body = found
+    if optional:
+        return "is optional (in an alternative, or repeated zero times or more)"
+    if body.getwidth()[0] == 0:
+        return "can match an empty string"
+    return None
+
+
+def _find_group(items: Iterable[Any], group: int, *, optional: bool) -> tuple[bool, Any] | None:
+    """(whether the match may skip it, its body) of capture group ``group``."""
+    for op, arguments in items:
+        kind = str(op)
+        children: list[tuple[Any, bool]] = []
+        if kind == "SUBPATTERN":
+            if arguments[0] == group:
+                return optional, arguments[3]
+            children = [(arguments[3], optional)]
+        elif kind in _REPEATS:
+            children = [(arguments[2], optional or arguments[0] == 0)]
+        elif kind == "BRANCH":
+            children = [(branch, True) for branch in arguments[1]]
+        elif kind == "GROUPREF_EXISTS":
+            children = [(branch, True) for branch in arguments[1:] if branch is not None]
+        elif kind == "ATOMIC_GROUP":
+            children = [(arguments, optional)]
+        elif kind in {"ASSERT", "ASSERT_NOT"}:
+            children = [(arguments[1], optional or kind == "ASSERT_NOT")]
+        for child, child_optional in children:
+            found = _find_group(child, group, optional=child_optional)
+            if found is not None:
+                return found
+    return None
+
+
+def _string_list(key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of strings, got {_describe(value)}")
+    items = tuple(_string(f"{key}[{position}]", item) for position, item in enumerate(value))
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        raise ConfigError(f"{key}: listed twice: {', '.join(repeated)}")
+    return items
+
+
+def _required_members(key: str, value: object) -> tuple[str, ...]:
+    names = _string_list(key, value)
+    for position, name in enumerate(names):
+        if name.count(INDEX) != 1:
+            raise ConfigError(
+                f"{key}[{position}]: must contain {INDEX} once, where the NPU index goes "
+                f"(e.g. stc{INDEX}ctrl), got {name!r}"
+            )
+    return names
+
+
+_PCI_ID = re.compile(r"0x[0-9a-f]{4}")
+
+
+def _pci_vendors(key: str, value: object) -> tuple[str, ...]:
+    vendors = _string_list(key, value)
+    if not vendors:
+        raise ConfigError(f"{key}: must list at least one PCI vendor ID, e.g. 0x23e2")
+    for position, vendor in enumerate(vendors):
+        if not _PCI_ID.fullmatch(vendor):
+            raise ConfigError(
+                f"{key}[{position}]: a PCI vendor ID is 0x and 4 lower-case hex digits "
+                f"(as sysfs writes it, e.g. 0x23e2), got {vendor!r}"
+            )
+    return vendors
+
+
+def _drivers(key: str, value: object) -> tuple[str, ...]:
+    drivers = _string_list(key, value)
+    if not drivers:
+        raise ConfigError(f"{key}: must list at least one kernel driver name, e.g. stc")
+    for position, driver in enumerate(drivers):
+        if "/" in driver or driver in {".", ".."} or not driver.isprintable():
+            raise ConfigError(f"{key}[{position}]: not a kernel driver name: {driver!r}")
+    return drivers
+
+
+def _check_required_members(discovery: DiscoveryConfig) -> None:
+    """Each required member name must be a member of its own NPU by the patterns
+    (checked for two indices, so a name that ignores {index} is caught)."""
+    npu = re.compile(discovery.npu_pattern)
+    member = re.compile(discovery.member_pattern)
+    for position, template in enumerate(discovery.required_members):
+        key = f"discovery.requiredMembers[{position}]"
+        for index in (0, 17):
+            name = template.replace(INDEX, str(index))
+            match = member.fullmatch(name)
+            if npu.fullmatch(name):
+                raise ConfigError(f"{key}: {name!r} is an NPU's own node by npuPattern")
+            if match is None or match.group("index") != str(index):
+                raise ConfigError(
+                    f"{key}: {name!r} is not a member of NPU {index} by memberPattern "
+                    f"{discovery.member_pattern!r}"
+                )
 
 
 def _describe(value: object) -> str:  # noqa: PLR0911 (one return per kind reads best)
@@ -170,6 +307,9 @@ _SECTIONS: dict[str, dict[str, tuple[Validator, str]]] = {
     "discovery": {
         "npuPattern": (_index_pattern, "npu_pattern"),
         "memberPattern": (_index_pattern, "member_pattern"),
+        "requiredMembers": (_required_members, "required_members"),
+        "pciVendors": (_pci_vendors, "pci_vendors"),
+        "drivers": (_drivers, "drivers"),
     },
 }
 _TOP_LEVEL: dict[str, tuple[Validator, str]] = {
@@ -215,4 +355,5 @@ def parse_config(raw: object) -> Config:
     discovery = DiscoveryConfig(
         **_section_values("discovery", raw.get("discovery"), _SECTIONS["discovery"])  # type: ignore[arg-type]
     )
+    _check_required_members(discovery)
     return Config(hpe=hpe, discovery=discovery, **top)  # type: ignore[arg-type]

@@ -7,7 +7,8 @@ char device of a PCI driver (see docs ``stc-hardware.md``)::
 
     dev/stc<i>, stc<i>c0..c3, stc<i>ctrl           char, major 240, minor i*8+k
     sys/devices/pci0000:00/0000:00:<slot>.<fn>/<BDF>/  the NPU's PCI function:
-        vendor, device, numa_node, class, uevent, driver -> bus/pci/drivers/stc
+        vendor, device, numa_node, class, uevent, subsystem -> bus/pci,
+        driver -> bus/pci/drivers/stc
         stc/<node>/dev ("240:0"), uevent, device -> ../../, subsystem -> class/stc
     sys/dev/char/<major>:<minor>   -> ../../devices/.../stc/<node>
     sys/class/stc/<node>           -> ../../devices/.../stc/<node>
@@ -28,6 +29,12 @@ Order of operations (each operation is immediate, no sleeps): ``add_npu`` and
 * unplug: per node in the order ``ctrl, c3..c0, stc<i>``: sysfs entries, then
   the /dev node; finally the driver link and the PCI function dir. So the
   main node goes LAST.
+
+Impostors, for the agent's identity checks: ``add_foreign_node`` makes a char
+device that is no NPU (by default the numbers of /dev/null, whose sysfs entry
+is a virtual device without a PCI parent), ``replace_with_device`` puts other
+device numbers under an NPU node's name, and ``bind_driver`` rebinds (or
+unbinds) an NPU's PCI function while its /dev nodes stay.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ _DEV_MODE = 0o660
 _PCI_CLASS = "0x120000"
 _CLASS_NAME = "stc"
 _DRIVER_NAME = "stc"
+# /dev/null's numbers: a char device every node has, and no NPU.
+NULL_DEVNUM = (1, 3)
 
 
 @dataclass(frozen=True)
@@ -127,9 +136,8 @@ class SimNode:
             _unlink_if_present(self.sys_dir / "class" / _CLASS_NAME / name)
             shutil.rmtree(pci / _CLASS_NAME / name, ignore_errors=True)
             _unlink_if_present(self.dev_dir / name)
-        _unlink_if_present(
-            self.sys_dir / "bus" / "pci" / "drivers" / _DRIVER_NAME / self.bdf(index)
-        )
+        for driver_dir in (self.sys_dir / "bus" / "pci" / "drivers").iterdir():
+            _unlink_if_present(driver_dir / self.bdf(index))
         shutil.rmtree(pci, ignore_errors=True)
         self._unplugged.add(index)
 
@@ -166,6 +174,49 @@ class SimNode:
         path = self.dev_dir / name
         _unlink_if_present(path)
         os.symlink(target, path)
+
+    def replace_with_device(self, name: str, devnum: tuple[int, int]) -> None:
+        """Put a char device with other numbers (``devnum``) where ``name`` was,
+        e.g. another NPU's node (``devnum("stc1c0")``) or /dev/null's."""
+        self._present_index(name)
+        path = self.dev_dir / name
+        _unlink_if_present(path)
+        _mknod(path, devnum)
+
+    def add_foreign_node(self, name: str, devnum: tuple[int, int] = NULL_DEVNUM) -> None:
+        """A char device ``name`` in /dev that is no NPU (``mknod dev/stc7 c 1 3``).
+
+        Its sysfs entry, as the kernel has for /dev/null and other virtual
+        devices, is a class device under ``devices/virtual`` without a
+        ``device`` link: no PCI function behind it.
+        """
+        path = self.dev_dir / name
+        if os.path.lexists(path):
+            raise ValueError(f"{name} already exists")
+        major, minor = devnum
+        link = self.sys_dir / "dev" / "char" / f"{major}:{minor}"
+        if not os.path.lexists(link):
+            cdev = self.sys_dir / "devices" / "virtual" / "foreign" / f"{major}-{minor}"
+            cdev.mkdir(parents=True)
+            (cdev / "dev").write_text(f"{major}:{minor}\n")
+            _relative_symlink(link, cdev)
+        _mknod(path, devnum)
+
+    def bind_driver(self, index: int, driver: str | None) -> None:
+        """Bind NPU ``index``'s PCI function to ``driver`` (None: unbind it), as
+        ``echo BDF > .../unbind`` and a ``bind`` to another driver would; its
+        /dev nodes and class devices stay (static nodes a reload left)."""
+        self._present_index(f"stc{index}")
+        pci = self.pci_dir(index)
+        drivers = self.sys_dir / "bus" / "pci" / "drivers"
+        for bound in drivers.iterdir():
+            _unlink_if_present(bound / self.bdf(index))
+        _unlink_if_present(pci / "driver")
+        if driver is not None:
+            driver_dir = drivers / driver
+            driver_dir.mkdir(exist_ok=True)
+            _relative_symlink(pci / "driver", driver_dir)
+            _relative_symlink(driver_dir / self.bdf(index), pci)
 
     def node_names(self, index: int) -> list[str]:
         """The /dev node names NPU ``index`` has, in creation order."""
@@ -225,9 +276,7 @@ class SimNode:
         return index * _MINORS_PER_NPU + k
 
     def _mknod(self, name: str) -> None:
-        path = self.dev_dir / name
-        os.mknod(path, _DEV_MODE | stat.S_IFCHR, os.makedev(self.major, self._minor(name)))
-        os.chmod(path, _DEV_MODE)  # mknod's mode is filtered by the umask
+        _mknod(self.dev_dir / name, self.devnum(name))
 
     def _plug(self, index: int) -> None:
         spec = self._spec(index)
@@ -244,6 +293,7 @@ class SimNode:
             f"DRIVER={_DRIVER_NAME}\nPCI_ID={vendor_id}:{device_id}\n"
             f"PCI_SLOT_NAME={self.bdf(index)}\n"
         )
+        _relative_symlink(pci / "subsystem", self.sys_dir / "bus" / "pci")
         driver_dir = self.sys_dir / "bus" / "pci" / "drivers" / _DRIVER_NAME
         _relative_symlink(pci / "driver", driver_dir)
         _relative_symlink(driver_dir / self.bdf(index), pci)
@@ -258,6 +308,11 @@ class SimNode:
             _relative_symlink(self.sys_dir / "dev" / "char" / f"{self.major}:{minor}", cdev)
             _relative_symlink(self.sys_dir / "class" / _CLASS_NAME / name, cdev)
             self._mknod(name)
+
+
+def _mknod(path: Path, devnum: tuple[int, int]) -> None:
+    os.mknod(path, _DEV_MODE | stat.S_IFCHR, os.makedev(*devnum))
+    os.chmod(path, _DEV_MODE)  # mknod's mode is filtered by the umask
 
 
 def _relative_symlink(link: Path, target: Path) -> None:
