@@ -32,7 +32,7 @@ from pathlib import Path
 import grpc
 
 from stc_npu_agent.core.config import Config
-from stc_npu_agent.core.devices import DeviceRules, HealthCheck
+from stc_npu_agent.core.devices import DeviceRules
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
 from stc_npu_agent.plugin import (
     PLUGIN_OPTIONS,
@@ -153,7 +153,6 @@ class Agent:
         dev_dir: str | Path,
         sys_dir: str | Path,
         config: Config,
-        checks: Sequence[HealthCheck] = (),
     ) -> None:
         self.kubelet_dir = Path(kubelet_dir)
         self.kubelet_socket = self.kubelet_dir / KUBELET_SOCKET
@@ -161,11 +160,10 @@ class Agent:
         rules = DeviceRules(config.discovery)
         self.naming = rules.naming
         self.scanner = DeviceScanner(dev_dir, sys_dir, rules)
-        self.checks = tuple(checks)
         # asyncio objects bind to the loop on first use (Python 3.10+), so
         # they can be made here, before run() starts the loop; the probes
         # may read the state from their thread before that.
-        self.state = DeviceState(self.scanner, self.checks)
+        self.state = DeviceState(self.scanner, config.health)
         self.watcher: DirectoryWatcher  # needs the loop: made in run()
         self.instance: PluginInstance | None = None
         self.registered = False
