@@ -33,6 +33,7 @@ import grpc
 
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import DeviceRules
+from stc_npu_agent.core.health import signals_document
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
 from stc_npu_agent.plugin import (
     PLUGIN_OPTIONS,
@@ -42,6 +43,7 @@ from stc_npu_agent.plugin import (
 )
 from stc_npu_agent.state import DeviceState
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
+from stc_npu_agent.vendor_probe import health_sources
 from stc_npu_agent.watch import DirectoryWatcher
 
 log = logging.getLogger(__name__)
@@ -164,6 +166,8 @@ class Agent:
         # they can be made here, before run() starts the loop; the probes
         # may read the state from their thread before that.
         self.state = DeviceState(self.scanner, config.health)
+        # Health sources beyond the scan (the vendor probe): tasks of run().
+        self.sources = health_sources(self.state, config.health)
         self.watcher: DirectoryWatcher  # needs the loop: made in run()
         self.instance: PluginInstance | None = None
         self.registered = False
@@ -192,11 +196,13 @@ class Agent:
             "ready": self.ready,
             "registrations": self.registrations,
             "socket": instance.name if instance is not None else None,
+            "vendorProbe": self.state.probe_document(),
             "npus": [
                 {
                     "id": npu.id,
                     "health": npu.health,
                     "reason": npu.reason,
+                    "signals": signals_document(npu.signals),
                     "expectedNodes": list(npu.expected_nodes),
                     "presentNodes": list(npu.present_nodes),
                     "numaNode": npu.numa_node,
@@ -276,10 +282,15 @@ class Agent:
         self.watcher.add(self.scanner.dev_dir, self._on_dev_dir_event)
         self.watcher.add(self.kubelet_dir, self._on_kubelet_dir_event)
         ticker = asyncio.create_task(self._tick())
+        sources = [asyncio.create_task(source.run()) for source in self.sources]
         try:
             await self._lifecycle()
         finally:
             ticker.cancel()
+            for task in sources:
+                task.cancel()
+            # A source ends its own runs (e.g. kills a running stc-smi).
+            await asyncio.gather(*sources, return_exceptions=True)
             if self.instance is not None:
                 await self.instance.close()
             self.watcher.stop()

@@ -112,6 +112,18 @@ class DeviceState:
         self._notify(run)
         self.rescan()
 
+    def probe_document(self) -> dict[str, object] | None:
+        """The vendor probe's last runs for /status (None: no run yet)."""
+        run, good = self.last_probe, self.last_good_probe
+        if run is None:
+            return None
+        return {
+            "lastRunAt": run.finished_at,
+            "lastRunSeconds": run.duration,
+            "lastRunFailed": list(run.failed),
+            "lastSuccessAt": good.finished_at if good is not None else None,
+        }
+
     def _report_transitions(self, before: Inventory) -> None:
         """One log line per signal that turned bad or good, for NPUs known
         before (a new NPU's line says how it appeared)."""

@@ -150,3 +150,18 @@ def transitions(npu_id: str, before: Signals, after: Signals) -> list[Transition
         if old.bad != state.bad:
             changed.append(Transition(npu_id, name, old.state, state.state, state.value))
     return changed
+
+
+def signals_document(signals: Signals) -> dict[str, dict[str, object]]:
+    """The signals as /status and diagnose show them, in display order."""
+    return {
+        name: {
+            "state": state.state,
+            "value": state.value,
+            "counts": state.counts,
+            "ignored": state.ignored,
+            "streak": state.streak,
+            "needed": state.needed,
+        }
+        for name, state in ordered(signals)
+    }
