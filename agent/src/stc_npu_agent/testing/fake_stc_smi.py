@@ -12,7 +12,7 @@ be pointed at it as its tool path. The state file::
                     "temperature": 45, "alert": 85, "shutdown": 95,
                     "behaviour": "normal"}}}
 
-``behaviour``: normal | hang (sleeps until killed) | crash (exit 1 with a
+``behaviour``: normal | hang (for HANG_SECONDS, unless killed) | crash (exit 1 with a
 message) | abort (SIGABRT) | garbage | partial (stops after the card's status
 line) | wrong-npu (answers for another NPU). An NPU not in the file is
 "not found" (exit 1). Each run appends its arguments to ``FILE.calls``, and
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_ENV = "FAKE_STC_SMI_STATE"
+HANG_SECONDS = 300
 BEHAVIOURS = ("normal", "hang", "crash", "abort", "garbage", "partial", "wrong-npu")
 
 
@@ -116,10 +117,12 @@ def misbehave(behaviour: str, index: int, text: str) -> str:
     """The output (or the end) a behaviour asks for."""
     if behaviour == "hang":
         # With a helper process, as a real tool may have: both must be killed.
-        helper = subprocess.Popen(["sleep", "3600"])
+        # Both end on their own after HANG_SECONDS, so a test that fails
+        # before the kill leaves nothing running for long.
+        helper = subprocess.Popen(["sleep", str(HANG_SECONDS)])
         record(f"hang {os.getpid()} {helper.pid}")
-        while True:
-            time.sleep(3600)
+        time.sleep(HANG_SECONDS)
+        raise SystemExit(3)
     if behaviour == "crash":
         sys.stderr.write(f"stc-smi: failed to open /dev/stc{index}ctrl: Input/output error\n")
         raise SystemExit(1)
