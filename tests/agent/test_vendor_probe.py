@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable
 from functools import partial
@@ -264,3 +266,46 @@ def test_agent_allocates_while_the_tool_hangs_and_stops_cleanly(
     # Stopping ends the run: the hung tool and its helper are killed.
     for pid in hung[1:]:
         kubelet.wait_until(partial(process_gone, int(pid)), timeout=WAIT, what=f"{pid} gone")
+
+
+def test_diagnose_shows_each_npus_signals_and_the_probe(  # noqa: PLR0917  (fixtures)
+    tmp_path: Path,
+    node: SimNode,
+    kubelet: KubeletEmulator,
+    kubelet_dir: Path,
+    start_agent: AgentFactory,
+    tool: FakeStcSmi,
+    unused_tcp_port: int,
+) -> None:
+    """A node with one card off and one DEAD cluster, as diagnose tells it."""
+    address = f"127.0.0.1:{unused_tcp_port}"
+    tool.set(1, status="off")
+    tool.set(2, clusters=["WORK", "DEAD", "WORK", "WORK"])
+    tool.set(3, temperature=90)
+    config = agent_config(tool)
+    config["health"]["signals"]["temperature"] = {"policy": "ignore", "failThreshold": 1}  # type: ignore[index]
+    start_agent(config, extra_args=["--probe-address", address])
+    kubelet.wait_registered(RESOURCE)
+    kubelet.wait_until(
+        lambda: kubelet.allocatable(RESOURCE) == 2, timeout=WAIT, what="stc1 and stc2 Unhealthy"
+    )
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "stc_npu_agent", "diagnose",
+            "--kubelet-dir", str(kubelet_dir),
+            "--dev-dir", str(node.dev_dir),
+            "--sys-dir", str(node.sys_dir),
+            "--hpe-dir", str(tmp_path),
+            "--probe-address", address,
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    print(result.stdout)  # shown when the test fails
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert "  - stc1 is Unhealthy: cardStatus off" in lines
+    assert "  - stc2 is Unhealthy: clusterStatus DEAD cluster 1" in lines
+    assert not any(line.startswith("  - stc3") for line in lines)  # ignored
+    assert any("temperature bad, ignored (90 C (alert 85 C))" in line for line in lines)
+    assert any("cardStatus BAD (off)" in line for line in lines)
+    assert any(line.startswith("vendor probe: last run ") for line in lines)
