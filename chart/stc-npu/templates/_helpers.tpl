@@ -73,11 +73,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- end -}}
 
 {{/*
-The agent's config file. Only resourceName, hpe and discovery, written
-field by field in a fixed order (the agent's own order), so the file and
-its checksum depend only on these values. The discovery lists came after
-0.1.0: an upgrade with --reuse-values has none, and the agent's defaults
-(the same as values.yaml's) apply.
+The agent's config file. Only resourceName, hpe, discovery and health,
+written field by field in a fixed order (the agent's own order; health as
+sorted YAML), so the file and its checksum depend only on these values. The
+discovery lists and health came after 0.1.0: an upgrade with --reuse-values
+has none, and the agent's defaults (the same as values.yaml's) apply.
 */}}
 {{- define "stc-npu.configFile" -}}
 resourceName: {{ .Values.resourceName | quote }}
@@ -93,6 +93,18 @@ discovery:
   {{ $key }}: {{ get $.Values.discovery $key | toJson }}
 {{- end }}
 {{- end }}
+{{- with .Values.health }}
+health:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/*
+"true" when the vendor probe is on, else "" (an upgrade with --reuse-values
+from 0.1.0 has no health values: off).
+*/}}
+{{- define "stc-npu.vendorProbe" -}}
+{{- if dig "vendorProbe" "enabled" false (.Values.health | default dict) }}true{{ end -}}
 {{- end -}}
 
 {{/*
