@@ -132,6 +132,7 @@ def test_health_config_defaults_and_one_line_errors() -> None:
         ({"signals": {CARD: {"failThreshold": 0}}}, "failThreshold: must be from 1 to 1000"),
         ({"vendorProbe": {"enabled": "yes"}}, "health.vendorProbe.enabled: expected true or"),
         ({"vendorProbe": {"tool": "stc-smi"}}, "health.vendorProbe.tool: must be an absolute"),
+        ({"vendorProbe": {"libraryPath": "lib"}}, "vendorProbe.libraryPath: must be an absolute"),
         ({"vendorProbe": {"timeoutSeconds": 20}}, "timeoutSeconds: 20 is longer than"),
         ({"vendorProbe": {"concurrency": True}}, "concurrency: expected a whole number"),
     ]:

@@ -5,6 +5,7 @@ kubelet emulator."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from stc_npu_agent.core.config import VendorProbeConfig, parse_config
+from stc_npu_agent.core.config import SignalPolicy, VendorProbeConfig, parse_config
 from stc_npu_agent.core.devices import DeviceRules
 from stc_npu_agent.core.health import Transition
 from stc_npu_agent.discovery import DeviceScanner
@@ -166,6 +167,32 @@ def test_a_hanging_tool_is_killed_with_its_helpers(node: SimNode, tool: FakeStcS
     run(scenario)
 
 
+def test_a_hung_npu_does_not_hold_back_the_others_readings(node: SimNode, tool: FakeStcSmi) -> None:
+    """Each NPU's readings count as soon as its own stc-smi is done: a card
+    that is off turns Unhealthy while another NPU's run still hangs (it used
+    to wait for the whole run, i.e. for the hung run's timeout)."""
+
+    async def scenario() -> None:
+        state, probe = probe_setup(node, tool, timeout_seconds=300.0)
+        state.policies = {**state.policies, "cardStatus": SignalPolicy(fail_threshold=1)}
+        state.rescan()
+        tool.set(0, behaviour="hang")
+        tool.set(1, status="off")
+        run = asyncio.create_task(probe.probe_all())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while "stc1" in state.inventory.healthy_ids():
+            assert loop.time() < deadline, "stc1 waited for stc0's hung run"
+            await asyncio.sleep(0.05)
+        assert reason(state, "stc1") == "cardStatus off"
+        assert not run.done()  # stc0's run still hangs
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+
+    run(scenario)
+
+
 def test_a_missing_tool_is_a_clear_probe_failure(node: SimNode, tool: FakeStcSmi) -> None:
     async def scenario() -> None:
         state, probe = probe_setup(node, tool)
@@ -233,8 +260,16 @@ def test_agent_card_off_turns_allocatable_down_and_back_up(
     )
     assert kubelet.allocatable(RESOURCE) == 3
     agent.wait_log("health stc1 cardStatus ok -> bad: off")
-    with urllib.request.urlopen(f"http://127.0.0.1:{unused_tcp_port}/status", timeout=10) as reply:
-        status = json.load(reply)
+
+    def read_status() -> dict[str, Any]:
+        url = f"http://127.0.0.1:{unused_tcp_port}/status"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            document: dict[str, Any] = json.load(reply)
+            return document
+
+    # A run's readings count as they come; the run itself is reported at its end.
+    kubelet.wait_until(lambda: read_status()["vendorProbe"] is not None, timeout=WAIT, what="a run")
+    status = read_status()
     stc1 = next(npu for npu in status["npus"] if npu["id"] == "stc1")
     assert stc1["reason"] == "cardStatus off"
     assert stc1["signals"]["cardStatus"]["state"] == "bad"

@@ -101,16 +101,19 @@ class DeviceState:
         self.wake()
         return True
 
-    def probe_finished(self, readings: Mapping[str, Sequence[Reading]], run: ProbeRun) -> None:
-        """A vendor probe run's readings, by NPU ID: into the signals, then a
-        rescan judges them with the nodes."""
-        for npu_id, npu_readings in readings.items():
-            self.health = self.health.observed(npu_id, npu_readings, self.policies)
+    def probe_readings(self, npu_id: str, readings: Sequence[Reading]) -> None:
+        """One NPU's vendor probe readings, as soon as they are in (a slow or
+        hung run of another NPU must not hold them back): into the signals,
+        then a rescan judges them with the nodes."""
+        self.health = self.health.observed(npu_id, readings, self.policies)
+        self.rescan()
+
+    def probe_finished(self, run: ProbeRun) -> None:
+        """A vendor probe run over every NPU is over."""
         self.last_probe = run
         if run.ok:
             self.last_good_probe = run
         self._notify(run)
-        self.rescan()
 
     def probe_document(self) -> dict[str, object] | None:
         """The vendor probe's last runs for /status (None: no run yet)."""

@@ -38,6 +38,9 @@ class VendorProbe:
         # The last problem logged per NPU: a failing tool says so once, not
         # every interval (the probeFailed transition has its own line).
         self._last_problem: dict[str, str] = {}
+        self._environment = dict(os.environ)
+        if config.library_path:
+            self._environment["LD_LIBRARY_PATH"] = config.library_path
 
     async def run(self) -> None:
         """Probe every NPU each interval until cancelled."""
@@ -54,33 +57,35 @@ class VendorProbe:
             await asyncio.sleep(max(0.0, self.config.interval_seconds - elapsed))
 
     async def probe_all(self) -> ProbeRun:
-        """One run over every NPU the inventory lists; hands the readings to
-        the state."""
+        """One run over every NPU the inventory lists; each NPU's readings go
+        to the state as soon as its stc-smi is done."""
         npus = [(npu.id, npu.index) for npu in self.state.inventory.ordered()]
         started = time.monotonic()
-        results = await asyncio.gather(*(self._probe(index) for _, index in npus))
-        readings: dict[str, list[Reading]] = {}
-        failed = []
-        for (npu_id, _), (npu_readings, problem) in zip(npus, results, strict=True):
-            readings[npu_id] = npu_readings
-            if problem:
-                failed.append(npu_id)
-                if self._last_problem.get(npu_id) != problem:
-                    log.warning("vendor probe of %s failed: %s", npu_id, problem)
-            elif npu_id in self._last_problem:
-                log.info("vendor probe of %s answers again", npu_id)
-            if problem:
-                self._last_problem[npu_id] = problem
-            else:
-                self._last_problem.pop(npu_id, None)
+        problems = await asyncio.gather(*(self._probe_one(npu_id, index) for npu_id, index in npus))
         run = ProbeRun(
             finished_at=time.time(),
             duration=time.monotonic() - started,
             npus=len(npus),
-            failed=tuple(failed),
+            failed=tuple(
+                npu_id for (npu_id, _), problem in zip(npus, problems, strict=True) if problem
+            ),
         )
-        self.state.probe_finished(readings, run)
+        self.state.probe_finished(run)
         return run
+
+    async def _probe_one(self, npu_id: str, index: int) -> str:
+        """Probe one NPU and hand its readings over; the problem ("" if none)."""
+        readings, problem = await self._probe(index)
+        if problem and self._last_problem.get(npu_id) != problem:
+            log.warning("vendor probe of %s failed: %s", npu_id, problem)
+        elif not problem and npu_id in self._last_problem:
+            log.info("vendor probe of %s answers again", npu_id)
+        if problem:
+            self._last_problem[npu_id] = problem
+        else:
+            self._last_problem.pop(npu_id, None)
+        self.state.probe_readings(npu_id, readings)
+        return problem
 
     async def _probe(self, index: int) -> tuple[list[Reading], str]:
         """The readings of one NPU, and the problem ("" when it answered)."""
@@ -105,6 +110,7 @@ class VendorProbe:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # its own process group, to kill it whole
+                env=self._environment,
             )
         except OSError as error:
             raise ProbeError(f"{command}: cannot run: {error.strerror or error}") from None

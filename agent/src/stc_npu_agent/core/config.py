@@ -42,6 +42,8 @@ SignalAction = Literal["ignore", "unhealthy"]
 SIGNAL_ACTIONS: tuple[SignalAction, ...] = ("ignore", "unhealthy")
 PROBE_SIGNALS = ("cardStatus", "clusterStatus", "temperature", "probeFailed")
 DEFAULT_STC_SMI = "/usr/local/hpe/bin/stc-smi"
+# The vendor's images run HPE tools with LD_LIBRARY_PATH=/usr/local/hpe/lib.
+DEFAULT_STC_SMI_LIBRARIES = "/usr/local/hpe/lib"
 
 
 class ConfigError(ValueError):
@@ -97,6 +99,9 @@ class VendorProbeConfig:
 
     enabled: bool = False
     tool: str = DEFAULT_STC_SMI
+    # LD_LIBRARY_PATH for the tool only (the agent's own process keeps its
+    # libraries); "" leaves the variable as the agent has it.
+    library_path: str = DEFAULT_STC_SMI_LIBRARIES
     interval_seconds: float = 10.0
     timeout_seconds: float = 5.0
     # stc-smi runs at most this many at once (one run per NPU).
@@ -139,6 +144,7 @@ class Config:
                 "vendorProbe": {
                     "enabled": self.health.vendor_probe.enabled,
                     "tool": self.health.vendor_probe.tool,
+                    "libraryPath": self.health.vendor_probe.library_path,
                     "intervalSeconds": self.health.vendor_probe.interval_seconds,
                     "timeoutSeconds": self.health.vendor_probe.timeout_seconds,
                     "concurrency": self.health.vendor_probe.concurrency,
@@ -384,6 +390,10 @@ def _signal_action(key: str, value: object) -> str:
 _VENDOR_PROBE: dict[str, tuple[Validator, str]] = {
     "enabled": (_boolean, "enabled"),
     "tool": (_absolute_path, "tool"),
+    "libraryPath": (
+        lambda key, value: value if value == "" else _absolute_path(key, value),
+        "library_path",
+    ),
     "intervalSeconds": (lambda key, value: _seconds(key, value, 1, 3600), "interval_seconds"),
     "timeoutSeconds": (lambda key, value: _seconds(key, value, 0.1, 600), "timeout_seconds"),
     "concurrency": (lambda key, value: _count(key, value, 1, 64), "concurrency"),

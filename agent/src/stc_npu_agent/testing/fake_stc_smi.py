@@ -15,8 +15,8 @@ be pointed at it as its tool path. The state file::
 ``behaviour``: normal | hang (for HANG_SECONDS, unless killed) | crash (exit 1 with a
 message) | abort (SIGABRT) | garbage | partial (stops after the card's status
 line) | wrong-npu (answers for another NPU). An NPU not in the file is
-"not found" (exit 1). Each run appends its arguments to ``FILE.calls``, and
-a hanging run ``hang <pid> <helper pid>``.
+"not found" (exit 1). Each run appends its arguments and ``@<monotonic time>``
+to ``FILE.calls``, and a hanging run ``hang <pid> <helper pid>``.
 """
 
 from __future__ import annotations
@@ -147,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     global _calls_path  # noqa: PLW0603 (one run, one file)
     _calls_path = f"{state_path}.calls"
-    record(" ".join(args))
+    # When it read the state (CLOCK_MONOTONIC is one clock for every process
+    # on the machine: the bench times from this reading to the kubelet).
+    record(f"{' '.join(args)} @{time.monotonic():.6f}")
     npus = {key: {**default_npu(int(key)), **npu} for key, npu in load(Path(state_path)).items()}
     if args[:1] == ["-l"]:
         sys.stdout.write(listing(npus))
@@ -176,7 +178,9 @@ def load(path: Path) -> dict[str, dict[str, Any]]:
 class FakeStcSmi:
     """An executable fake ``stc-smi`` in ``directory`` with its state file."""
 
-    def __init__(self, directory: str | Path, npus: int = 4) -> None:
+    def __init__(self, directory: str | Path, npus: int = 4, python: str = sys.executable) -> None:
+        """``python`` runs the fake (one with stc_npu_agent importable, e.g.
+        the agent image's own, when the script is used inside it)."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "stc-smi"
@@ -185,7 +189,7 @@ class FakeStcSmi:
         self._save()
         self.path.write_text(
             "#!/bin/sh\n"
-            f"exec {sys.executable} -m stc_npu_agent.testing.fake_stc_smi "
+            f"exec {python} -m stc_npu_agent.testing.fake_stc_smi "
             f"--state '{self.state_path}' \"$@\"\n",
             encoding="utf-8",
         )
