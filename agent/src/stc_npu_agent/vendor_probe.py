@@ -52,7 +52,10 @@ class VendorProbe:
         )
         while True:
             started = time.monotonic()
-            await self.probe_all()
+            try:
+                await self.probe_all()
+            except Exception:  # a bug here must not end the probing for good
+                log.exception("vendor probe run failed")
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.0, self.config.interval_seconds - elapsed))
 
