@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from stc_npu_agent.core.config import HealthConfig, SignalPolicy
-from stc_npu_agent.core.devices import DeviceRules, Inventory, describe_changes
+from stc_npu_agent.core.devices import DeviceRules, Inventory, NodeObservation, describe_changes
 from stc_npu_agent.core.health import HealthBook, Reading, Transition, transitions
 from stc_npu_agent.discovery import DeviceScanner
 
@@ -69,6 +69,7 @@ class DeviceState:
         self.last_probe: ProbeRun | None = None
         self.last_good_probe: ProbeRun | None = None
         self.inventory = Inventory()
+        self._observations: list[NodeObservation] = []
         self.rescans = 0
         self._view: KubeletView = ()
         self._changed = asyncio.Event()
@@ -81,7 +82,13 @@ class DeviceState:
         """Scan now; wake the streams if the kubelet's view changed."""
         self._rescan_pending = False
         self.rescans += 1
-        observations = self.scanner.scan()
+        self._observations = self.scanner.scan()
+        return self._judge()
+
+    def _judge(self) -> bool:
+        """The inventory from the last scan and the current signals; wake the
+        streams if the kubelet's view changed."""
+        observations = self._observations
         before = self.inventory
         loop = asyncio.get_running_loop()
         self.inventory = before.updated(
@@ -104,9 +111,10 @@ class DeviceState:
     def probe_readings(self, npu_id: str, readings: Sequence[Reading]) -> None:
         """One NPU's vendor probe readings, as soon as they are in (a slow or
         hung run of another NPU must not hold them back): into the signals,
-        then a rescan judges them with the nodes."""
+        judged with the nodes."""
         self.health = self.health.observed(npu_id, readings, self.policies)
-        self.rescan()
+        # The nodes as last scanned: every change to them has its own rescan.
+        self._judge()
 
     def probe_finished(self, run: ProbeRun) -> None:
         """A vendor probe run over every NPU is over."""
