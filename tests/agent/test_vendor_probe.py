@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import subprocess
 import sys
@@ -191,6 +192,27 @@ def test_a_hung_npu_does_not_hold_back_the_others_readings(node: SimNode, tool: 
             await run
 
     run(scenario)
+
+
+def test_no_more_runs_at_once_than_the_concurrency(node: SimNode, tool: FakeStcSmi) -> None:
+    async def scenario() -> None:
+        state, probe = probe_setup(node, tool, concurrency=1)
+        state.rescan()
+        await probe.probe_all()
+
+    run(scenario)
+    starts: dict[str, float] = {}
+    spans = []
+    for line in tool.calls():
+        args, _, at = line.rpartition(" @")
+        if args.startswith("-q -i "):
+            starts[args] = float(at)
+        elif args.startswith("end -q -i "):
+            spans.append((starts[args.removeprefix("end ")], float(at)))
+    assert len(spans) == 4
+    spans.sort()
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end, "two stc-smi runs overlapped with concurrency 1"
 
 
 def test_a_missing_tool_is_a_clear_probe_failure(node: SimNode, tool: FakeStcSmi) -> None:

@@ -16,7 +16,8 @@ be pointed at it as its tool path. The state file::
 message) | abort (SIGABRT) | garbage | partial (stops after the card's status
 line) | wrong-npu (answers for another NPU). An NPU not in the file is
 "not found" (exit 1). Each run appends its arguments and ``@<monotonic time>``
-to ``FILE.calls``, and a hanging run ``hang <pid> <helper pid>``.
+to ``FILE.calls``, a query that answered ``end <arguments> @<time>``, and a
+hanging run ``hang <pid> <helper pid>``.
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         index = int(args[2])
         sys.stdout.write(misbehave(npu["behaviour"], index, query(index, npu)))
+        sys.stdout.flush()
+        record(f"end {' '.join(args)} @{time.monotonic():.6f}")
         return 0
     sys.stderr.write(f"stc-smi: unsupported arguments: {' '.join(args)}\n")
     return 2
