@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from stc_npu_agent.core.allocation import (
+    DEVICE_SPECS_ONLY,
     AllocationError,
     ContainerAllocation,
+    Delivery,
     ErrorKind,
     plan_allocation,
     preferred_allocation,
@@ -65,6 +67,7 @@ def allocate_response(plan: ContainerAllocation) -> api_pb2.ContainerAllocateRes
             )
             for spec in plan.devices
         ],
+        cdi_devices=[api_pb2.CDIDevice(name=name) for name in plan.cdi_devices],
     )
 
 
@@ -85,10 +88,17 @@ class StreamTracker:
 
 
 class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
-    def __init__(self, state: DeviceState, hpe: HpeConfig, streams: StreamTracker) -> None:
+    def __init__(
+        self,
+        state: DeviceState,
+        hpe: HpeConfig,
+        streams: StreamTracker,
+        delivery: Delivery = DEVICE_SPECS_ONLY,
+    ) -> None:
         self.state = state
         self.hpe = hpe
         self.streams = streams
+        self.delivery = delivery
 
     async def GetDevicePluginOptions(
         self, request: api_pb2.Empty, context: grpc.aio.ServicerContext[object, object]
@@ -125,7 +135,7 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
         for container in request.container_requests:
             ids = list(container.devices_ids)
             try:
-                plan = plan_allocation(self.state.inventory, ids, self.hpe)
+                plan = plan_allocation(self.state.inventory, ids, self.hpe, self.delivery)
             except AllocationError as error:
                 log.warning("Allocate refused: %s", error.message)
                 if error.kind is ErrorKind.FAILED_PRECONDITION:
@@ -133,10 +143,11 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
                     self.state.wake()
                 await context.abort(_GRPC_CODES[error.kind], error.message)
             log.info(
-                "Allocate %s: %d device nodes%s",
+                "Allocate %s: %d device nodes%s%s",
                 ",".join(sorted(ids)),
                 len(plan.devices),
                 ", HPE mounted read-only" if plan.mounts else "",
+                f", CDI {','.join(plan.cdi_devices)}" if plan.cdi_devices else "",
             )
             responses.append(allocate_response(plan))
         return api_pb2.AllocateResponse(container_responses=responses)
