@@ -138,3 +138,22 @@ def test_bad_config_is_exit_2(tmp_path: Path, node: SimNode, kubelet_dir: Path) 
     result = diagnose(node, kubelet_dir, "--config", str(config))
     assert result.returncode == 2
     assert "hpe.mode: expected one of mapped, unmapped, got 'maped'" in result.stderr
+
+
+def test_cdi_answer_and_a_missing_spec(tmp_path: Path, node: SimNode, kubelet_dir: Path) -> None:
+    spec_dir = tmp_path / "cdi"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"deviceListStrategy: [cdi-cri]\nstcSetDevices: global\ncdi:\n  specDir: {spec_dir}\n"
+    )
+    args = ("--config", str(config), "--allocate", "stc1")
+    out = diagnose(node, kubelet_dir, *args, hpe_dir=hpe_install(tmp_path)).stdout
+    assert "  cdi    streamcomputing.com/npu=stc1" in out
+    assert "  env    STC_SET_DEVICES=4,5,6,7" in out
+    assert "  device " not in out  # cdi-cri alone: no DeviceSpecs
+    missing = f"the CDI spec {spec_dir}/streamcomputing.com-npu.json is missing"
+    assert missing in out
+
+    spec_dir.mkdir()
+    (spec_dir / "streamcomputing.com-npu.json").write_text("{}")
+    assert missing not in diagnose(node, kubelet_dir, *args).stdout

@@ -20,7 +20,8 @@ import grpc
 
 from stc_npu_agent import __version__
 from stc_npu_agent.agent import KUBELET_SOCKET, SOCKET_PREFIX, unix_socket_state
-from stc_npu_agent.core.allocation import AllocationError, plan_allocation
+from stc_npu_agent.core.allocation import AllocationError, Delivery, plan_allocation
+from stc_npu_agent.core.cdi import spec_file_name
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import Inventory, Naming, PciInfo
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
@@ -69,9 +70,21 @@ def _agent_status(probe_address: str | None) -> tuple[dict[str, Any] | None, str
     return status, f"from {url}"
 
 
+def _cdi_problems(config: Config) -> list[str]:
+    if not config.uses_cdi:
+        return []
+    spec = Path(config.cdi.spec_dir) / spec_file_name(config.resource_name)
+    if spec.is_file():
+        return []
+    return [
+        f"deviceListStrategy has cdi-cri but the CDI spec {spec} is missing: "
+        "containers given CDI names cannot start"
+    ]
+
+
 def _allocation(inventory: Inventory, device_id: str, config: Config) -> dict[str, Any]:
     try:
-        plan = plan_allocation(inventory, [device_id], config.hpe)
+        plan = plan_allocation(inventory, [device_id], config.hpe, Delivery.from_config(config))
     except AllocationError as error:
         return {"error": {"code": error.kind.name, "message": error.message}}
     return {
@@ -88,6 +101,7 @@ def _allocation(inventory: Inventory, device_id: str, config: Config) -> dict[st
             for m in plan.mounts
         ],
         "envs": dict(plan.envs),
+        "cdiDevices": list(plan.cdi_devices),
     }
 
 
@@ -179,6 +193,7 @@ def collect(paths: Paths, config: Config, allocate: Sequence[str] = ()) -> dict[
     hpe = hpe_problem(config, paths.hpe_dir)
     if hpe:
         problems.append(hpe)
+    problems += _cdi_problems(config)
 
     return {
         "version": __version__,
@@ -257,6 +272,7 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"  mount  {mount['hostPath']} -> {mount['containerPath']} ({mode})")
         for key, value in sorted(answer["envs"].items()):
             lines.append(f"  env    {key}={value}")
+        lines += [f"  cdi    {name}" for name in answer["cdiDevices"]]
     lines.append("")
     if report["problems"]:
         lines.append(f"problems ({len(report['problems'])}):")
