@@ -81,6 +81,13 @@ hpe:
 discovery:
   npuPattern: {{ .Values.discovery.npuPattern | quote }}
   memberPattern: {{ .Values.discovery.memberPattern | quote }}
+deviceListStrategy:
+{{- range .Values.deviceListStrategy }}
+  - {{ . | quote }}
+{{- end }}
+stcSetDevices: {{ .Values.stcSetDevices | quote }}
+cdi:
+  specDir: {{ .Values.cdi.specDir | quote }}
 {{- end -}}
 
 {{/*
