@@ -47,9 +47,7 @@ SCHEMA_ERRORS = [
     (["deviceListStrategy={cdi}"], r"deviceListStrategy"),
     (["deviceListStrategy={cdi-cri,cdi-cri}"], r"deviceListStrategy"),
     (["deviceListStrategy=cdi-cri"], r"deviceListStrategy"),  # a string, not a list
-    (["deviceListStrategy=null"], r"deviceListStrategy"),
     (["stcSetDevices=all"], r"stcSetDevices"),
-    (["stcSetDevices=null"], r"stcSetDevices"),
     (["cdi.specDir=var/run/cdi"], r"cdi[./]specDir"),
     (["cdi.specdir=/var/run/cdi"], r"specdir"),
 ]
