@@ -8,6 +8,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stc_npu_agent.core.allocation import (
     SET_DEVICES_ENV,
@@ -330,3 +332,50 @@ def test_spec_never_sets_what_allocate_computes_per_container() -> None:
     assert not [
         entry for entry in env if entry.startswith(("STC_SET_DEVICES=", "STC_NPU_DEVICES="))
     ]
+
+
+# --- any node the agent can see gives a valid spec ---
+
+node_sets = st.dictionaries(
+    st.integers(min_value=0, max_value=63),
+    st.sets(st.sampled_from(SUFFIXES), min_size=1),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    first=node_sets,
+    then=node_sets,
+    mapped=st.booleans(),
+    kind=st.sampled_from([KIND, "example.com/npu.v2", "a.b/c"]),
+)
+def test_any_inventory_gives_a_valid_spec_with_exactly_the_present_nodes(
+    first: dict[int, set[str]], then: dict[int, set[str]], mapped: bool, kind: str
+) -> None:
+    """Two scans (NPUs come, go, lose nodes): the spec after the second is
+    valid CDI, or has no device at all, and lists each NPU's present nodes."""
+    naming = Naming(r"stc(?P<index>[0-9]+)", DEFAULT_MEMBER_PATTERN)
+
+    def scan(nodes: dict[int, set[str]]) -> list[NodeObservation]:
+        return [
+            NodeObservation(f"stc{index}{suffix}", NodeKind.CHAR_DEVICE, (240, index))
+            for index, suffixes in nodes.items()
+            for suffix in suffixes
+        ]
+
+    inventory_ = Inventory().updated(scan(first), naming, {}).updated(scan(then), naming, {})
+    spec = build_spec(inventory_, kind, MAPPED if mapped else UNMAPPED)
+    listed = {
+        device["name"]: [node["path"] for node in device["containerEdits"]["deviceNodes"]]
+        for device in spec.document["devices"]
+    }
+    expected = {
+        npu.id: [f"/dev/{name}" for name in npu.present_nodes]
+        for npu in inventory_.ordered()
+        if npu.present_nodes
+    }
+    assert listed == expected
+    if listed:
+        assert problems(spec.document) == []
