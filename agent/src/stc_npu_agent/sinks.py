@@ -2,9 +2,10 @@
 
 The inventory is the hub; a sink turns the current inventory into one side
 effect outside the agent. The lifecycle runs every sink at start, on every
-change of the device state, on a tick (so a side effect undone by someone
-else is redone within a tick), and once on a clean stop. A sink's failure is
-its own: it is logged, and the agent keeps serving.
+change of the inventory (not only those the kubelet sees), on a tick (so a
+side effect undone by someone else is redone within a tick), and once on a
+clean stop. A sink's failure is its own: it is logged, and the agent keeps
+serving.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class SinkSet:
         if not self.sinks:
             return
         while True:
-            change = state.next_change()  # taken before reading, as a stream does
+            change = state.next_inventory_change()  # taken before reading, as a stream does
             self.update(state.inventory)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(change.wait(), tick)

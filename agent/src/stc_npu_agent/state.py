@@ -39,6 +39,7 @@ class DeviceState:
         self.rescans = 0
         self._view: KubeletView = ()
         self._changed = asyncio.Event()
+        self._inventory_changed = asyncio.Event()
         self._rescan_pending = False
 
     def rescan(self) -> bool:
@@ -57,6 +58,11 @@ class DeviceState:
             loop.call_at(settles_at, self.schedule_rescan)
         for line in describe_changes(before, self.inventory):
             log.info("device %s", line)
+        if self.inventory != before:
+            # Sinks follow every change, also one the kubelet does not see
+            # (a node of an NPU that is Unhealthy already).
+            self._inventory_changed.set()
+            self._inventory_changed = asyncio.Event()
         view = kubelet_view(self.inventory)
         if view == self._view:
             return False
@@ -78,3 +84,7 @@ class DeviceState:
     def next_change(self) -> asyncio.Event:
         """The event the next change sets; take it before reading the state."""
         return self._changed
+
+    def next_inventory_change(self) -> asyncio.Event:
+        """Set by the next rescan that changes anything in the inventory."""
+        return self._inventory_changed
