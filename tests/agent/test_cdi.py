@@ -16,8 +16,9 @@ from stc_npu_agent.core.allocation import (
     Delivery,
     cluster_ids,
     plan_allocation,
+    spec_file_name,
 )
-from stc_npu_agent.core.cdi import build_spec, cdi_device_name_problem, spec_file_name
+from stc_npu_agent.core.cdi import build_spec, cdi_device_name_problem
 from stc_npu_agent.core.config import (
     DEFAULT_MEMBER_PATTERN,
     Config,

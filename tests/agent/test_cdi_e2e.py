@@ -210,6 +210,10 @@ def test_unwritable_spec_dir_is_one_line_and_the_agent_serves(
     agent.wait_log("cannot write the CDI spec")
     response = kubelet.allocate(RESOURCE, ["stc0"])
     assert len(response.devices) == 6  # DeviceSpecs still work
+    # ... and alone: a CDI name the runtime cannot resolve would fail the
+    # container that the DeviceSpecs alone would start.
+    assert not response.cdi_devices
+    agent.wait_log("answering DeviceSpecs only")
     time.sleep(2.5)  # two ticks retry the write: still one warning
     assert agent.log().count("cannot write the CDI spec") == 1
     line = next(line for line in agent.log().splitlines() if "cannot write" in line)
@@ -219,5 +223,7 @@ def test_unwritable_spec_dir_is_one_line_and_the_agent_serves(
     blocker.unlink()  # the operator fixes the node
     wait_for(lambda: read_spec(spec_dir) is not None, "the spec written once possible")
     agent.wait_log("is writable again")
+    names = [device.name for device in kubelet.allocate(RESOURCE, ["stc0"]).cdi_devices]
+    assert names == ["streamcomputing.com/npu=stc0"]
     assert agent.process.poll() is None
     shutil.rmtree(blocker, ignore_errors=True)

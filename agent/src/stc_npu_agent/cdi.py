@@ -24,7 +24,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from stc_npu_agent.core.cdi import build_spec, spec_file_name
+from stc_npu_agent.core.allocation import spec_file_name
+from stc_npu_agent.core.cdi import build_spec
 from stc_npu_agent.core.config import HpeConfig
 from stc_npu_agent.core.devices import Inventory
 

@@ -20,8 +20,12 @@ import grpc
 
 from stc_npu_agent import __version__
 from stc_npu_agent.agent import KUBELET_SOCKET, SOCKET_PREFIX, unix_socket_state
-from stc_npu_agent.core.allocation import AllocationError, Delivery, plan_allocation
-from stc_npu_agent.core.cdi import spec_file_name
+from stc_npu_agent.core.allocation import (
+    AllocationError,
+    Delivery,
+    plan_allocation,
+    spec_file_name,
+)
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import Inventory, Naming, PciInfo
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem

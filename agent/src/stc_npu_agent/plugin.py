@@ -6,6 +6,7 @@ Holds no discovery or policy logic of its own.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -132,10 +133,11 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
         if not request.container_requests:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no container requests")
         responses = []
+        delivery = self._delivery()
         for container in request.container_requests:
             ids = list(container.devices_ids)
             try:
-                plan = plan_allocation(self.state.inventory, ids, self.hpe, self.delivery)
+                plan = plan_allocation(self.state.inventory, ids, self.hpe, delivery)
             except AllocationError as error:
                 log.warning("Allocate refused: %s", error.message)
                 if error.kind is ErrorKind.FAILED_PRECONDITION:
@@ -151,6 +153,16 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
             )
             responses.append(allocate_response(plan))
         return api_pb2.AllocateResponse(container_responses=responses)
+
+    def _delivery(self) -> Delivery:
+        """The configured delivery, without CDI names while the spec that
+        resolves them is missing and DeviceSpecs can do alone."""
+        delivery = self.delivery
+        spec = delivery.cdi_spec_file
+        if delivery.device_specs and spec is not None and not os.path.isfile(spec):
+            log.warning("the CDI spec %s is missing: answering DeviceSpecs only", spec)
+            return delivery.without_cdi()
+        return delivery
 
     async def GetPreferredAllocation(
         self,

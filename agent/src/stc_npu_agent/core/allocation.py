@@ -33,7 +33,7 @@ runtime numbers it; cluster k of NPU N is 4·N+k on the host.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from stc_npu_agent.core.config import Config, HpeConfig, StcSetDevices
@@ -94,14 +94,28 @@ class Delivery:
     device_specs: bool = True
     cdi_kind: str | None = None
     stc_set_devices: StcSetDevices = "none"
+    # The spec file that resolves the CDI names (cdi-cri only).
+    cdi_spec_file: str | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> Delivery:
+        uses_cdi = config.uses_cdi
         return cls(
             device_specs="device-specs" in config.device_list_strategy,
-            cdi_kind=config.resource_name if config.uses_cdi else None,
+            cdi_kind=config.resource_name if uses_cdi else None,
             stc_set_devices=config.stc_set_devices,
+            cdi_spec_file=(
+                f"{config.cdi.spec_dir}/{spec_file_name(config.resource_name)}"
+                if uses_cdi
+                else None
+            ),
         )
+
+    def without_cdi(self) -> Delivery:
+        """DeviceSpecs alone: for when the CDI spec is missing. A name the
+        runtime cannot resolve fails the whole container, which the
+        DeviceSpecs alone would start."""
+        return replace(self, cdi_kind=None)
 
 
 # Today's answer, and the default: DeviceSpecs only, no STC_SET_DEVICES.
@@ -185,6 +199,11 @@ def plan_allocation(
     )
     envs += hpe_env(hpe)
     return ContainerAllocation(devices, mounts, tuple(envs), _cdi_names(npus, delivery))
+
+
+def spec_file_name(kind: str) -> str:
+    """The CDI spec's file name, one per kind: streamcomputing.com-npu.json."""
+    return kind.replace("/", "-") + ".json"
 
 
 def qualified_name(kind: str, device: str) -> str:

@@ -60,11 +60,6 @@ def cdi_device_name_problem(name: str) -> str | None:
     return None
 
 
-def spec_file_name(kind: str) -> str:
-    """One file per kind, named after it: streamcomputing.com-npu.json."""
-    return kind.replace("/", "-") + ".json"
-
-
 def required_version(kind: str, device_names: list[str]) -> str:
     """The lowest cdiVersion with every feature the spec uses."""
     version = BASE_VERSION
