@@ -136,13 +136,15 @@ def test_spec_follows_unplug_replug_and_new_npus(
     wait_for(lambda: device_names(spec_dir) == ["stc0", "stc1", "stc2", "stc3"], "stc1 back")
     node.add_npu(7, numa_node=1)
     wait_for(lambda: "stc7" in (device_names(spec_dir) or []), "stc7 in the spec")
+    # Rewritten through a temp file that never stays behind (a write may be
+    # under way while stc7 settles: wait for the dir to be quiet).
+    kubelet.wait_until(lambda: kubelet.devices(RESOURCE)["stc7"].healthy, what="stc7 healthy")
+    wait_for(lambda: sorted(p.name for p in spec_dir.iterdir()) == [SPEC_NAME], "only the spec")
 
     document = read_spec(spec_dir)
     assert document is not None
     assert problems(document) == []
     assert "containerEdits" not in document  # unmapped: no HPE mount or env
-    # Rewritten atomically: no temp file left behind, only the spec.
-    assert sorted(p.name for p in spec_dir.iterdir()) == [SPEC_NAME]
     assert oct((spec_dir / SPEC_NAME).stat().st_mode & 0o777) == "0o644"
 
     assert agent.terminate() == 0
