@@ -10,7 +10,8 @@ The spec itself is built in ``core/cdi.py``; this module only writes it.
   lifecycle's tick), so a removal by another agent's stop or by hand heals
   within a tick.
 - An unwritable dir is one warning line (again only when the reason
-  changes); the agent keeps serving, and DeviceSpecs still work.
+  changes); the agent keeps serving, and while the file is missing Allocate
+  answers DeviceSpecs alone when they are configured too (plugin.py).
 - Removed on a clean stop, unless another agent of ours serves the node:
   during a rolling update the new agent's spec must stay.
 """
@@ -141,8 +142,8 @@ class CdiSpecSink:
         """Warn once per distinct problem (the tick retries every second)."""
         if problem and problem != self._problem:
             log.warning(
-                "%s; containers given CDI names cannot start until it is written "
-                "(DeviceSpecs are not affected)",
+                "%s; until it is written no runtime can resolve our CDI names "
+                "(Allocate answers DeviceSpecs alone if device-specs is configured too)",
                 problem,
             )
         elif not problem and self._problem:
