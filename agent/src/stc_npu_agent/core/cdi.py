@@ -1,4 +1,4 @@
-"""The node's CDI (Container Device Interface) spec, and the CDI names of its NPUs.
+"""The node's CDI (Container Device Interface) spec, and CDI's rule for device names.
 
 Pure: builds the spec document (plain dicts, ready for JSON) from the
 inventory and the config; the shell (``stc_npu_agent.cdi``) writes it.
@@ -42,9 +42,9 @@ DIGIT_NAME_VERSION = "0.5.0"
 # Dots in the class part of the kind came in 0.6.0.
 DOTTED_CLASS_VERSION = "0.6.0"
 
-# A bind mount of a directory with whatever is mounted below it, read-only,
-# no setuid binaries or device files through it: what the CRI runtimes make
-# of a read-only hostPath mount.
+# A read-only recursive bind mount, private, as the CRI runtimes make of a
+# read-only mount in an Allocate answer; and, since the tree is the host's,
+# no setuid binaries or device nodes through it.
 HPE_MOUNT_OPTIONS = ("ro", "nosuid", "nodev", "rbind", "rprivate")
 
 _DEVICE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.:-]*[A-Za-z0-9])?")
