@@ -31,6 +31,7 @@ from pathlib import Path
 
 import grpc
 
+from stc_npu_agent.core.allocation import Delivery
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import DeviceRules, HealthCheck
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
@@ -40,6 +41,7 @@ from stc_npu_agent.plugin import (
     StreamTracker,
     allocation_document,
 )
+from stc_npu_agent.sinks import SinkSet, sinks_for
 from stc_npu_agent.state import DeviceState
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 from stc_npu_agent.watch import DirectoryWatcher
@@ -109,7 +111,8 @@ class PluginInstance:
         self._state = state
         self._server = grpc.aio.server()
         api_pb2_grpc.add_DevicePluginServicer_to_server(
-            DevicePluginService(state, config.hpe, self.streams), self._server
+            DevicePluginService(state, config.hpe, self.streams, Delivery.from_config(config)),
+            self._server,
         )
         self.registered_at = 0.0
 
@@ -166,6 +169,8 @@ class Agent:
         # they can be made here, before run() starts the loop; the probes
         # may read the state from their thread before that.
         self.state = DeviceState(self.scanner, self.checks)
+        # Side effects that follow the inventory (the CDI spec, ...).
+        self.sinks = SinkSet(sinks_for(config, self._other_agent_serving))
         self.watcher: DirectoryWatcher  # needs the loop: made in run()
         self.instance: PluginInstance | None = None
         self.registered = False
@@ -216,7 +221,13 @@ class Agent:
     def allocation(self, ids: Sequence[str]) -> dict[str, object]:
         """What Allocate would answer for ``ids`` now (the probes' /allocate,
         for `diagnose --allocate`): reads only, no log line, no rescan."""
-        return allocation_document(self.state.inventory, self.scanner, ids, self.config.hpe)
+        return allocation_document(
+            self.state.inventory,
+            self.scanner,
+            ids,
+            self.config.hpe,
+            Delivery.from_config(self.config),
+        )
 
     # --- signals ---
 
@@ -274,16 +285,22 @@ class Agent:
         log.info("effective config: %s", json.dumps(self.config.to_mapping(), sort_keys=True))
         self.state.rescan()
         self._log_inventory()
+        self.sinks.update(self.state.inventory)  # before the first registration
         self.watcher = DirectoryWatcher(loop)
         self.watcher.add(self.scanner.dev_dir, self._on_dev_dir_event)
         self.watcher.add(self.kubelet_dir, self._on_kubelet_dir_event)
         ticker = asyncio.create_task(self._tick())
+        follower = asyncio.create_task(self.sinks.follow(self.state, TICK_SECONDS))
         try:
             await self._lifecycle()
         finally:
             ticker.cancel()
+            follower.cancel()
             if self.instance is not None:
                 await self.instance.close()
+            # After our own socket is gone: any socket of ours that still
+            # answers is another agent's.
+            self.sinks.stop()
             self.watcher.stop()
             log.info("stopped")
 
@@ -438,6 +455,21 @@ class Agent:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                         log.info("removed stale socket %s", entry.name)
+
+    def _other_agent_serving(self) -> bool:
+        """Whether a socket of ours other than this agent's answers in the kubelet dir."""
+        own = self.instance.name if self.instance is not None else None
+        try:
+            names = [entry.name for entry in os.scandir(self.kubelet_dir)]
+        except OSError:
+            return False
+        return any(
+            name != own
+            and name.startswith(SOCKET_PREFIX)
+            and name.endswith(SOCKET_SUFFIX)
+            and unix_socket_state(self.kubelet_dir / name) == "answers"
+            for name in names
+        )
 
     async def _tick(self) -> None:
         ticks = 0
