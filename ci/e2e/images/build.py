@@ -66,6 +66,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import fcntl
 import hashlib
 import io
 import json
@@ -78,7 +79,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -586,31 +587,37 @@ def host_pip_settings(builder: Builder) -> list[str]:
     /etc/pip.conf, and every file or directory those settings name, at the
     same path. Nothing of it lands in a layer."""
     listing = builder.run([sys.executable, "-m", "pip", "config", "list"], "pip-config")
+    text, paths = pip_mounts(listing, os.path.exists)
+    config = builder.cache / "pip.conf"
+    config.write_text(text)
+    volumes = [f"{config}:/etc/pip.conf:ro", *(f"{path}:{path}:ro" for path in paths)]
+    return [option for volume in volumes for option in ("--volume", volume)]
+
+
+def pip_mounts(listing: str, exists: Callable[[str], bool]) -> tuple[str, list[str]]:
+    """From `pip config list` output: one pip.conf holding every setting (the
+    environment's PIP_* ones too), and the host paths those settings name
+    that EXISTS, outermost only. A file:// index counts with its parent: a
+    local simple index links to its files beside it."""
     settings: dict[str, str] = {}
     for line in listing.splitlines():
         key, _, value = line.partition("=")
         option = key.rpartition(".")[2]
         if option and value:
             settings[option] = ast.literal_eval(value) if value[0] in "'\"" else value
-    config = builder.cache / "pip.conf"
-    config.write_text(
-        "[global]\n" + "".join(f"{key} = {value}\n" for key, value in sorted(settings.items()))
-    )
-    volumes = [f"{config}:/etc/pip.conf:ro"]
+    text = "[global]\n" + "".join(f"{key} = {value}\n" for key, value in sorted(settings.items()))
     paths: set[str] = set()
     for value in settings.values():
         for word in value.split():
             path = word
             if word.startswith("file://"):
-                # A local index (.../simple) links to its files beside it.
                 path = os.path.dirname(word.removeprefix("file://").rstrip("/"))
-            if path.startswith("/") and os.path.exists(path):
+            if path.startswith("/") and exists(path):
                 paths.add(path)
-    # A path inside another one is already there.
-    for path in sorted(paths):
-        if not any(path != other and path.startswith(other + "/") for other in paths):
-            volumes.append(f"{path}:{path}:ro")
-    return [option for volume in volumes for option in ("--volume", volume)]
+    outermost = [
+        path for path in sorted(paths) if not any(path.startswith(other + "/") for other in paths)
+    ]
+    return text, outermost
 
 
 def bud(
@@ -664,11 +671,32 @@ def agent_image(builder: Builder, volumes: list[str]) -> str:
     return name
 
 
+def tree_digest(*roots: Path) -> str:
+    """What the files under ROOTS hold, by relative path."""
+    parts: list[str | bytes] = []
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            parts += [str(path.relative_to(root)), path.read_bytes()]
+    return recipe_of(*parts)
+
+
 def workload_image(
-    builder: Builder, role: str, build_args: dict[str, str], volumes: list[str]
+    builder: Builder,
+    role: str,
+    *,
+    base_id: str,
+    build_args: dict[str, str],
+    volumes: list[str],
+    inputs: Sequence[Path] = (),
 ) -> str:
+    """An example workload image, rebuilt when its directory, base image,
+    build args or INPUTS change (all it is made of)."""
     directory = builder.repo / "images" / role
     name = example_pod_image(directory)
+    recipe = recipe_of(role, base_id, json.dumps(build_args), tree_digest(directory, *inputs))
+    if builder.cached(name, recipe):
+        builder.say(f"cached {name}: images/{role} unchanged")
+        return name
     with builder.step(f"{name} from images/{role}/Dockerfile"):
         bud(
             builder,
@@ -679,6 +707,9 @@ def workload_image(
             build_args=build_args,
             volumes=volumes,
         )
+    image = builder.image_id(name)
+    if image:
+        builder.remember(name, recipe, image)
     return name
 
 
@@ -944,6 +975,18 @@ def smoke_problems(out_dir: Path, repo: Path = REPO) -> list[str]:
 # --------------------------------------------------------------------------
 
 
+@contextmanager
+def cache_lock(builder: Builder) -> Iterator[None]:
+    """One build at a time per cache: two would replace each other's images."""
+    with (builder.cache / "lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            builder.say(f"waiting for another build using {builder.cache}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build(repo: Path, out_dir: Path, cache: Path) -> list[Image]:
     out_dir.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
@@ -951,33 +994,47 @@ def build(repo: Path, out_dir: Path, cache: Path) -> list[Image]:
     builder = Builder(repo, out_dir, cache)
     started = time.monotonic()
     ensure_packages(builder)
-    try:
-        python_base = dockerfile_arg_default(repo / "images/plugin/Dockerfile", "PYTHON_IMAGE")
-        debian_bases = {
-            dockerfile_arg_default(repo / f"images/{role}/Dockerfile", "BASE_IMAGE")
-            for role in ("pod-mapped", "pod-unmapped")
-        }
-        if len(debian_bases) != 1:
-            raise BuildError(f"workload Dockerfiles differ in BASE_IMAGE: {debian_bases}")
-        debian_base = qualified(debian_bases.pop())
-        python_standin(builder, qualified(python_base), debian_base)
-        pause_image(builder)
-        test_name = test_image_name(repo / "chart" / "stc-npu")
-        busybox_image(builder, test_name)
-        volumes = host_pip_settings(builder)
-        names = {"agent": agent_image(builder, volumes), "pause": PAUSE_IMAGE, "test": test_name}
-        names["pod-mapped"] = workload_image(builder, "pod-mapped", {}, [])
-        release = dockerfile_arg_default(repo / "images/pod-unmapped/Dockerfile", "DEBIAN_RELEASE")
-        vendor = vendor_standins(builder, release)
-        names["pod-unmapped"] = workload_image(
-            builder, "pod-unmapped", vendor, ["--volume", f"{cache / 'vendor'}:{VENDOR_MOUNT}:ro"]
-        )
-        with builder.step(f"docker-archive tarballs in {out_dir}"):
-            images = [builder.export(role, name) for role, name in names.items()]
-        write_manifest(out_dir, images)
-    finally:
-        builder.remove_retired()
+    with cache_lock(builder):
+        try:
+            images = build_all(builder)
+        finally:
+            builder.remove_retired()
     builder.say(f"all images built in {time.monotonic() - started:.1f} s: {out_dir / MANIFEST}")
+    return images
+
+
+def build_all(builder: Builder) -> list[Image]:
+    repo, cache = builder.repo, builder.cache
+    python_base = dockerfile_arg_default(repo / "images/plugin/Dockerfile", "PYTHON_IMAGE")
+    debian_bases = {
+        dockerfile_arg_default(repo / f"images/{role}/Dockerfile", "BASE_IMAGE")
+        for role in ("pod-mapped", "pod-unmapped")
+    }
+    if len(debian_bases) != 1:
+        raise BuildError(f"workload Dockerfiles differ in BASE_IMAGE: {sorted(debian_bases)}")
+    debian_base = qualified(debian_bases.pop())
+    python_standin(builder, qualified(python_base), debian_base)
+    pause_image(builder)
+    test_name = test_image_name(repo / "chart" / "stc-npu")
+    busybox_image(builder, test_name)
+    volumes = host_pip_settings(builder)
+    names = {"agent": agent_image(builder, volumes), "pause": PAUSE_IMAGE, "test": test_name}
+    base_id = builder.image_id(debian_base) or ""
+    names["pod-mapped"] = workload_image(
+        builder, "pod-mapped", base_id=base_id, build_args={}, volumes=[]
+    )
+    release = dockerfile_arg_default(repo / "images/pod-unmapped/Dockerfile", "DEBIAN_RELEASE")
+    names["pod-unmapped"] = workload_image(
+        builder,
+        "pod-unmapped",
+        base_id=base_id,
+        build_args=vendor_standins(builder, release),
+        volumes=["--volume", f"{cache / 'vendor'}:{VENDOR_MOUNT}:ro"],
+        inputs=[cache / "vendor"],
+    )
+    with builder.step(f"docker-archive tarballs in {builder.out_dir}"):
+        images = [builder.export(role, name) for role, name in names.items()]
+    write_manifest(builder.out_dir, images)
     return images
 
 
