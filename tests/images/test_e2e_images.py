@@ -165,9 +165,19 @@ def test_pip_settings_become_one_config_and_read_only_paths() -> None:
     assert paths == sorted(existing)
 
 
+def test_pip_without_a_cert_setting_gets_the_systems_trust_store() -> None:
+    listing = "global.index-url='https://index.test/simple'\n"
+    text, paths = build.pip_mounts(listing, {build.SYSTEM_CA_BUNDLE}.__contains__)
+    assert f"cert = {build.SYSTEM_CA_BUNDLE}" in text.splitlines()
+    assert paths == [build.SYSTEM_CA_BUNDLE]
+    text, paths = build.pip_mounts(listing, lambda path: False)
+    assert "cert" not in text
+    assert paths == []
+
+
 def test_pip_paths_inside_another_are_mounted_once() -> None:
-    listing = "global.find-links='/opt/wheels /opt/wheels/extra'\n"
-    _, paths = build.pip_mounts(listing, lambda path: True)
+    listing = "global.cert='/opt/ca.pem'\nglobal.find-links='/opt/wheels /opt/wheels/extra'\n"
+    _, paths = build.pip_mounts(listing, lambda path: path != "/opt/ca.pem")
     assert paths == ["/opt/wheels"]
 
 
@@ -199,9 +209,9 @@ def test_pip_settings_and_pip_left_in_an_image_are_found(tmp_path: Path) -> None
 
 
 def test_the_machines_ca_bundle_in_an_image_is_found(tmp_path: Path) -> None:
-    host_bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+    host_bundle = Path(build.SYSTEM_CA_BUNDLE)
     if not host_bundle.is_file():
-        pytest.skip("this machine has no CA bundle at /etc/ssl/certs/ca-certificates.crt")
+        pytest.skip(f"this machine has no CA bundle at {host_bundle}")
     root = fake_root(tmp_path)
     shutil.copy(host_bundle, root / "etc/ssl/certs/ca-certificates.crt")
     assert build._host_leaks(root) == ["this machine's CA bundle"]

@@ -7,35 +7,43 @@ Entry point, as root on Debian 12, with the repository's venv (it needs pyyaml):
     .venv/bin/python ci/e2e/images/build.py OUT_DIR           build, then smoke-check
     .venv/bin/python ci/e2e/images/build.py --check OUT_DIR   smoke-check only
 
-It installs what it lacks with apt-get (buildah, debootstrap, busybox-static,
-gcc, libc6-dev, gnupg, ca-certificates) and says so. No registry is needed:
-every base image is a local stand-in, made from a debootstrap root fs.
+Exit 0 when every image is in OUT_DIR and the smoke check passed; otherwise 1
+with a one-line reason (and the tail of the failing step's log) on stderr.
+It installs what it lacks with apt-get (buildah, runc, debootstrap,
+busybox-static, gcc, libc6-dev, gnupg, ca-certificates) and says so. No
+registry is needed: every base image is a local stand-in, made from a
+debootstrap root fs. It prints one line per step with its duration; the full
+output of every step is in OUT_DIR/logs/.
 
 OUT_DIR/images.txt has one line per image, ``ROLE NAME TARBALL`` (TARBALL
-relative to OUT_DIR, a docker-archive for ``ctr -n k8s.io images import``):
+relative to OUT_DIR, a docker-archive for ``ctr -n k8s.io images import``;
+NAME fully qualified, as containerd lists it):
 
-    agent         <image.repository>:<image.tag or appVersion>  the chart's agent image,
-                  built from images/plugin/Dockerfile (values.yaml, Chart.yaml)
-    pause         registry.k8s.io/pause:3.10   (PAUSE_IMAGE below: pin containerd's
-                  sandbox image to it)
-    test          <test.image.repository>:<test.image.tag>  busybox, for `helm test`
-    pod-mapped    the image of images/pod-mapped/example-pod*.yaml
-    pod-unmapped  the image of images/pod-unmapped/example-pod*.yaml
+    agent         <image.repository>:<image.tag, or the chart's appVersion>,
+                  built from images/plugin/Dockerfile
+    pause         registry.k8s.io/pause:3.10 (PAUSE_IMAGE below: containerd's
+                  sandbox image must be pinned to it)
+    test          <test.image.repository>:<test.image.tag>, busybox for `helm test`
+    pod-mapped    the image images/pod-mapped/example-pod*.yaml run
+    pod-unmapped  the image images/pod-unmapped/example-pod*.yaml run
 
-Every name is read from the repository at build time. Python callers:
-``read_manifest(OUT_DIR)``, ``smoke_problems(OUT_DIR)``, ``PAUSE_IMAGE``.
+Every name is read from the repository at build time. From Python (pytest):
+``from ci.e2e.images import build``, then ``build.read_manifest(OUT_DIR)``,
+``build.smoke_problems(OUT_DIR)`` (a list, empty when all is well),
+``build.PAUSE_IMAGE``.
 
 Environment:
     STC_E2E_CACHE   cache dir (default /var/cache/stc-npu-e2e): the debootstrap
                     root fs, the vendor stand-in packages and the recipes of
-                    the cached base images (those live in buildah's storage)
+                    the images kept in buildah's storage between runs
     STC_E2E_MIRROR  Debian mirror for debootstrap (default http://deb.debian.org/debian)
 
-A warm run (cache in place) rebuilds only what the repository can change: the
-agent image and the workload images, always from the working tree; the
-stand-in bases, pause and busybox are rebuilt when their recipe changes.
-buildah's storage stays tidy: working containers are removed, and an image
-replaced under the same name is deleted.
+The agent image is rebuilt from the working tree on every run. Everything
+else is rebuilt only when what it is made of changes: the root fs and the
+stand-in bases (recipe), pause (pause.c), busybox (the Debian package), the
+workload images (their directory, base and build args). buildah's storage
+stays tidy: working containers are removed, and an image that lost its name
+to a new build is deleted. One build per cache runs at a time (a lock).
 
 Stand-ins, and how they differ from the real thing
 --------------------------------------------------
@@ -45,20 +53,26 @@ Stand-ins, and how they differ from the real thing
   no -security).
 * ``python:3.11-slim-bookworm``: the above plus Debian's python3 (3.11.2,
   in /usr/bin; the official image has its own CPython build in /usr/local),
-  python3-venv, ca-certificates, pip (from Debian's ensurepip) in /usr/local
-  and links /usr/local/bin/python{,3}. Debian's EXTERNALLY-MANAGED marker is
-  removed: the official image has none, and the Dockerfile uninstalls pip
-  from the system Python.
-* Builds need this machine's pip settings and CA trust store to reach the
-  package index. They are bind-mounted into every RUN step (``buildah bud
-  --volume``), never copied: no image, base or built, contains them.
+  python3-venv, ca-certificates, links /usr/local/bin/python{,3}, and pip
+  and setuptools in /usr/local from the wheels python3-venv ships (Debian
+  disables ensurepip for its system Python; pip 23.0.1, no ``wheel``
+  package). Debian's EXTERNALLY-MANAGED marker is removed: the official
+  image has none, and the Dockerfile uninstalls pip from the system Python.
+  Of the official image's ENV only LANG is set.
+* The agent build needs this machine's pip settings and CA trust store to
+  reach the package index. They are bind-mounted read-only into its RUN
+  steps (``buildah bud --volume``), never copied: no image, base or built,
+  contains them. buildah leaves the mount points behind, empty (an empty
+  /etc/pip.conf, empty directories); the smoke check tells those from
+  settings.
 * images/pod-unmapped needs the vendor's packages (HPE_URI, HPE_REPO_DEB,
   TENSORTURBO_WHEEL), which cannot be fetched here. Every instruction of its
   Dockerfile runs as written against stand-in packages made here and served
   from a file:// HPE_URI: a signed local apt repository package holding an
   ``hpe-simple`` that installs a placeholder /usr/local/hpe (a ``stcc`` that
   only says it is a stand-in), and a TensorTurbo wheel with only a version.
-  What differs is their content: no real HPE or TensorTurbo is in the image.
+  What differs is their content: no real HPE or TensorTurbo is in the image
+  (and the empty mount point of the stand-ins' directory is).
 """
 
 from __future__ import annotations
@@ -94,8 +108,10 @@ MANIFEST = "images.txt"
 DEFAULT_CACHE = "/var/cache/stc-npu-e2e"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
+# buildah's Recommends stay on: its runtime (runc) and network stack are among them.
 APT_PACKAGES = (
     "buildah",
+    "runc",
     "debootstrap",
     "busybox-static",
     "gcc",
@@ -129,6 +145,7 @@ APT_CONFIG = {
 }
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VENDOR_VERSION = "0.0.0"
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 class BuildError(Exception):
@@ -397,9 +414,7 @@ def ensure_packages(builder: Builder) -> None:
     with builder.step("installing " + " ".join(missing) + " with apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         builder.run(["apt-get", "update"], "apt", env=env)
-        builder.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", *missing], "apt", env=env
-        )
+        builder.run(["apt-get", "install", "-y", *missing], "apt", env=env)
 
 
 # --------------------------------------------------------------------------
@@ -598,13 +613,16 @@ def pip_mounts(listing: str, exists: Callable[[str], bool]) -> tuple[str, list[s
     """From `pip config list` output: one pip.conf holding every setting (the
     environment's PIP_* ones too), and the host paths those settings name
     that EXISTS, outermost only. A file:// index counts with its parent: a
-    local simple index links to its files beside it."""
+    local simple index links to its files beside it. Without a `cert`
+    setting, pip would trust only its own bundle: it gets the system's."""
     settings: dict[str, str] = {}
     for line in listing.splitlines():
         key, _, value = line.partition("=")
         option = key.rpartition(".")[2]
         if option and value:
             settings[option] = ast.literal_eval(value) if value[0] in "'\"" else value
+    if "cert" not in settings and exists(SYSTEM_CA_BUNDLE):
+        settings["cert"] = SYSTEM_CA_BUNDLE
     text = "[global]\n" + "".join(f"{key} = {value}\n" for key, value in sorted(settings.items()))
     paths: set[str] = set()
     for value in settings.values():
@@ -928,8 +946,8 @@ def _host_leaks(root: Path) -> list[str]:
     for directory in ("etc/xdg/pip", "root/.config/pip", "root/.pip"):
         if any(path.is_file() and path.stat().st_size for path in (root / directory).rglob("*")):
             leaks.append(f"pip settings in /{directory}")
-    host_bundle = Path("/etc/ssl/certs/ca-certificates.crt")
-    image_bundle = root / "etc/ssl/certs/ca-certificates.crt"
+    host_bundle = Path(SYSTEM_CA_BUNDLE)
+    image_bundle = root / SYSTEM_CA_BUNDLE.lstrip("/")
     if (
         host_bundle.is_file()
         and image_bundle.is_file()
