@@ -82,6 +82,7 @@ import ast
 import base64
 import fcntl
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -799,7 +800,9 @@ def vendor_standins(builder: Builder, release: str) -> dict[str, str]:
     repo_deb = f"{repo_package}_{VENDOR_VERSION}_amd64.deb"
     distribution = f"tb_debian{release}"
     wheel = f"{distribution}-{VENDOR_VERSION}-cp311-cp311-linux_x86_64.whl"
-    recipe = recipe_of("vendor", release, STCC_STANDIN, (HERE / "build.py").read_bytes())
+    makers: list[Callable[..., object]] = [_vendor_build, _deb, _control, _packages_stanza, _wheel]
+    code = [inspect.getsource(maker) for maker in makers]
+    recipe = recipe_of("vendor", release, VENDOR_VERSION, STCC_STANDIN, *code)
     store = builder.cache / "vendor"
     stamp = store / "recipe"
     if not (stamp.exists() and stamp.read_text().strip() == recipe):
