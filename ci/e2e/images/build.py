@@ -89,6 +89,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -265,13 +266,21 @@ def agent_version(repo: Path) -> str:
 # Running things
 
 
+CONTAINER_PREFIX = "stc-npu-e2e-"
+
+
 @contextmanager
 def working_container(base: str) -> Iterator[str]:
     """A buildah working container from BASE (an image or "scratch"),
-    removed whatever happens."""
+    removed whatever happens; its name says which process made it, so that
+    a later build can remove it after a kill."""
     pull = [] if base == "scratch" else ["--pull=never"]
+    name = f"{CONTAINER_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
     created = subprocess.run(
-        ["buildah", "from", *pull, base], capture_output=True, text=True, check=False
+        ["buildah", "from", "--name", name, *pull, base],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if created.returncode != 0:
         raise BuildError(f"buildah from {base}: {created.stderr.strip()}")
@@ -280,6 +289,39 @@ def working_container(base: str) -> Iterator[str]:
         yield container
     finally:
         subprocess.run(["buildah", "rm", container], capture_output=True, check=False)
+
+
+def buildah_running() -> bool:
+    """Whether any buildah process runs on this machine."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "buildah":
+                return True
+        except OSError:
+            continue  # the process ended meanwhile
+    return False
+
+
+def remove_stale_containers(images: set[str]) -> list[str]:
+    """Removes what a killed build left behind: our named working containers
+    whose process is gone, and `buildah bud` containers of IMAGES when no
+    buildah runs (none of ours does while the cache lock is held)."""
+    listed = subprocess.run(
+        ["buildah", "containers", "--json"], capture_output=True, text=True, check=False
+    )
+    removed = []
+    idle = not buildah_running()
+    for container in json.loads(listed.stdout or "[]") or []:
+        name = str(container.get("containername", ""))
+        if name.startswith(CONTAINER_PREFIX):
+            pid = name.removeprefix(CONTAINER_PREFIX).split("-")[0]
+            stale = pid.isdigit() and not Path(f"/proc/{pid}").exists()
+        else:
+            stale = idle and container.get("imagename") in images
+        if stale:
+            subprocess.run(["buildah", "rm", name], capture_output=True, check=False)
+            removed.append(name)
+    return removed
 
 
 class Builder:
@@ -1034,6 +1076,9 @@ def build_all(builder: Builder) -> list[Image]:
     if len(debian_bases) != 1:
         raise BuildError(f"workload Dockerfiles differ in BASE_IMAGE: {sorted(debian_bases)}")
     debian_base = qualified(debian_bases.pop())
+    removed = remove_stale_containers({qualified(python_base), debian_base})
+    if removed:
+        builder.say(f"removed working containers a killed build left: {' '.join(removed)}")
     python_standin(builder, qualified(python_base), debian_base)
     pause_image(builder)
     test_name = test_image_name(repo / "chart" / "stc-npu")
@@ -1064,6 +1109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="where the tarballs and images.txt go")
     parser.add_argument("--check", action="store_true", help="only smoke-check a finished build")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: working containers are removed, a running
+    # buildah is killed (subprocess.run does that when interrupted).
+    signal.signal(signal.SIGTERM, lambda signo, frame: sys.exit(128 + signo))
     if os.geteuid() != 0:
         print("build.py: must run as root (buildah, debootstrap, apt-get)", file=sys.stderr)
         return 2
