@@ -292,3 +292,27 @@ def test_pause_keeps_waiting_through_a_child_exit(pause_binary: Path) -> None:
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0
+
+
+def buildah_names() -> set[str]:
+    listed = subprocess.run(
+        ["buildah", "containers", "--format", "{{.ContainerName}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(listed.stdout.split())
+
+
+def test_working_containers_of_a_killed_build_are_removed() -> None:
+    if shutil.which("buildah") is None:
+        pytest.skip("buildah is not installed (ci/e2e/images/build.py installs it)")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = f"{build.CONTAINER_PREFIX}{gone.pid}-1"
+    subprocess.run(["buildah", "from", "--name", stale, "scratch"], capture_output=True, check=True)
+    with build.working_container("scratch") as live:
+        assert stale in build.remove_stale_containers(set())
+        assert live in buildah_names()
+        assert stale not in buildah_names()
+    assert live not in buildah_names()
