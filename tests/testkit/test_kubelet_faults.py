@@ -107,3 +107,13 @@ def test_end_stream_marks_devices_unhealthy_and_never_reopens(h: Harness) -> Non
     with pytest.raises(RuntimeError, match="no open stream"):
         kube.end_stream(RES)
     assert len(kube.registrations) == 1  # only a new Register recovers
+
+
+def test_hung_connections_pending_sees_a_waiting_connect(h: Harness) -> None:
+    kube = h.kubelet(NEW)
+    assert not kube.hung_connections_pending()  # nothing wedged
+    kube.stop(hang=True)
+    assert not kube.hung_connections_pending()
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(kube.socket_path))
+        assert kube.hung_connections_pending()  # the kernel queued it at once

@@ -94,6 +94,7 @@ import logging
 import os
 import posixpath
 import re
+import select
 import socket
 import threading
 import time
@@ -354,6 +355,16 @@ class KubeletEmulator:
         self._hung = sock
         self._event("hung: kubelet.sock listens but never answers")
         self._notify()
+
+    def hung_connections_pending(self) -> bool:
+        """Whether a connect waits in the wedged socket's backlog (a client's
+        call is in flight there); False when there is no wedged socket."""
+        with self._cond:
+            sock = self._hung
+            if sock is None:
+                return False
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable)
 
     def _close_hung(self) -> None:
         sock, self._hung = self._hung, None
