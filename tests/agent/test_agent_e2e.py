@@ -223,6 +223,8 @@ def test_sigterm_stops_cleanly_and_removes_the_socket(
     assert time.monotonic() - started < 10
     assert own_sockets(kubelet_dir) == []
     kubelet.wait_until(lambda: kubelet.allocatable(RESOURCE) == 0, what="stream ended")
+    # Our own shutdown removed our socket and ended our stream: no trigger.
+    assert "re-registering" not in agent.log()
 
 
 def test_sigint_also_stops_cleanly(kubelet: KubeletEmulator, start_agent: AgentFactory) -> None:
