@@ -260,3 +260,35 @@ def test_healthz_fails_while_the_tick_cannot_do_its_work(
         drive(agent, body)
     finally:
         server.stop()
+
+
+def test_a_failing_event_driven_rescan_is_logged_and_the_next_one_works(
+    kubelet: KubeletEmulator,
+    make_agent: Callable[[], Agent],
+    node: SimNode,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent = make_agent()
+    rescan = agent.state.rescan
+    failing = {"left": 1}
+
+    def flaky_rescan() -> bool:
+        if failing["left"] > 0:
+            failing["left"] -= 1
+            raise RuntimeError("injected event rescan failure")
+        return rescan()
+
+    def body() -> None:
+        kubelet.wait_registered(RESOURCE)
+        agent.state.rescan = flaky_rescan  # type: ignore[method-assign]
+        node.unplug(1)  # its rescan fails ...
+        wait_for(lambda: failing["left"] == 0, "the failing rescan")
+        node.replug(1)
+        node.unplug(2)  # ... the next event's works
+        kubelet.wait_until(
+            lambda: not kubelet.devices(RESOURCE)["stc2"].healthy, timeout=WAIT, what="stc2 down"
+        )
+
+    drive(agent, body)
+    logged = [str(r.exc_info[1]) for r in caplog.records if r.exc_info is not None]
+    assert "injected event rescan failure" in logged

@@ -478,6 +478,7 @@ def test_new_registration_keeps_the_old_stream_open_and_counting(h: Harness, ver
     kube.wait_until(lambda: set(kube.devices(RES)) == {"e0", "e1", "e2"}, timeout=WAIT)
     assert first.streams_cancelled == 0
     assert first.streams_opened == 1
+    assert kube.open_streams(RES) == 2
 
     first.set_devices([dev("d9")])  # the old plugin still speaks for the resource
     kube.wait_until(lambda: set(kube.devices(RES)) == {"d9"}, timeout=WAIT, what="old update")
@@ -491,6 +492,7 @@ def test_new_registration_keeps_the_old_stream_open_and_counting(h: Harness, ver
         lambda: any("stream #0" in event for event in kube.events()), timeout=WAIT, what="end"
     )
     assert kube.stream_open(RES)
+    assert kube.open_streams(RES) == 1
     assert kube.allocatable(RES) == 1
     second.set_devices([dev("e0"), dev("e1")])
     kube.wait_until(lambda: kube.allocatable(RES) == 2, timeout=WAIT, what="new update")

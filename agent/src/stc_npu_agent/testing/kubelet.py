@@ -73,8 +73,10 @@ Fault injection (not kubelet behaviour; for reliability tests)
   them), every RPC waits for its deadline. The next ``start`` removes it.
 * ``fail_register(text)``: every Register is refused with gRPC UNKNOWN and
   ``text`` (recorded with ``accepted=False``) until ``fail_register(None)``.
-* ``events()`` (the emulator's event log) and ``cut_offs()`` (how often the
-  emulated re-registration bug cut off a registration), to assert on.
+* ``events()`` (the emulator's event log), ``cut_offs()`` (how often the
+  emulated re-registration bug cut off a registration) and
+  ``open_streams()`` (streams still open, superseded ones included), to
+  assert on.
 * ``allocate`` / ``get_preferred_allocation`` / ``pre_start_container``: real
   calls over the registered endpoint's connection, one container request,
   only ``container_responses[0]`` returned; no deadline unless the caller
@@ -548,6 +550,12 @@ class KubeletEmulator:
         with self._cond:
             state = self._resources.get(resource)
             return bool(state and state.stream and state.stream.open)
+
+    def open_streams(self, resource: str) -> int:
+        """ListAndWatch streams of ``resource`` open now, current and
+        superseded (the kubelet never ends a superseded one itself)."""
+        with self._cond:
+            return sum(stream.resource == resource for stream in self._open_streams)
 
     def options(self, resource: str) -> Options:
         """The options in use for ``resource``'s current registration."""
