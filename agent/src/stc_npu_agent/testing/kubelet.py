@@ -41,8 +41,9 @@ What is emulated
     replaced when a Register ARRIVES (before the dial), and deleted when that
     Register's dial fails. Whenever ANY stream of the resource ends, the
     kubelet disconnects whatever client the name maps to at that moment:
-    all devices Unhealthy (allocatable 0), endpoint stopped, that client's
-    connection closed, the name unmapped. So a superseded stream that ends
+    all devices Unhealthy (allocatable 0), that client's connection closed,
+    the name unmapped, and its endpoint, if installed, stopped and forgotten
+    (``allocate`` refuses, ``options`` raises KeyError). So a superseded stream that ends
     after a new Register arrived cuts off the NEW registration (counted in
     ``cut_offs()`` when it was already installed); a plugin that keeps its
     old stream open while it registers anew is cut off as soon as the old
@@ -71,6 +72,8 @@ Fault injection (not kubelet behaviour; for reliability tests)
 * ``stop(hang=True)``: leaves a ``kubelet.sock`` that LISTENS but never
   accepts or answers (a wedged kubelet): connects succeed (the kernel queues
   them), every RPC waits for its deadline. The next ``start`` removes it.
+  ``hung_connections_pending()`` tells whether a connect waits there (a
+  client's call is in flight).
 * ``fail_register(text)``: every Register is refused with gRPC UNKNOWN and
   ``text`` (recorded with ``accepted=False``) until ``fail_register(None)``.
 * ``events()`` (the emulator's event log), ``cut_offs()`` (how often the
