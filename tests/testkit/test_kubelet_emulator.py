@@ -531,6 +531,33 @@ def test_reregistration_bug_cuts_off_the_new_registration(h: Harness) -> None:
     assert kube.cut_offs() == 1
 
 
+def test_reregistration_bug_hits_the_client_of_a_register_still_dialing(h: Harness) -> None:
+    """1.26+ map the name to the new client when Register arrives: an old
+    stream ending during the new Register's dial disconnects that client.
+    Its endpoint is installed after the dial all the same (no cut-off), but
+    the name stays unmapped, so the end of ITS stream goes unnoticed."""
+    kube, first = registered(h, NEW, reregistration_bug=True)
+    second = h.plugin("stc-2.sock", devices=[dev("e0")])  # not serving yet
+    dialing = threading.Thread(target=register, args=(kube, second.socket.name))
+    dialing.start()
+    kube.wait_until(
+        lambda: any("dialing stc-2.sock" in event for event in kube.events()),
+        timeout=WAIT,
+        what="the second Register dialing",
+    )
+    first.end_streams()
+    kube.wait_until(lambda: kube.allocatable(RES) == 0, timeout=WAIT, what="disconnected")
+    second.serve()
+    dialing.join(WAIT)
+    kube.wait_registered(RES, after=1, timeout=WAIT)
+    assert kube.stream_open(RES)
+    assert kube.allocatable(RES) == 1
+    assert kube.cut_offs() == 0
+    second.end_streams()  # unnoticed: the name maps to no client
+    kube.wait_until(lambda: not kube.stream_open(RES), timeout=WAIT, what="stream #1 ended")
+    assert kube.allocatable(RES) == 1
+
+
 # --- restarts --------------------------------------------------------------
 
 

@@ -700,6 +700,9 @@ class KubeletEmulator:
         # answering, options only from the plugin.
         client = object()
         self._map_client(resource, client, epoch)
+        with self._cond:
+            self._event(f"register for {resource}: dialing {request.endpoint}")
+            self._notify()
         channel, dial_error = self._dial(path)
         options = requested
         if channel is not None:
