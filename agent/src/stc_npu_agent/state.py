@@ -73,6 +73,7 @@ class DeviceState:
         self.rescans = 0
         self._view: KubeletView = ()
         self._changed = asyncio.Event()
+        self._inventory_changed = asyncio.Event()
         self._rescan_pending = False
         # One timer per settle deadline: every rescan while an NPU settles
         # sees the same deadline, and must not add a timer of its own.
@@ -101,6 +102,11 @@ class DeviceState:
         self._report_transitions(before)
         for line in describe_changes(before, self.inventory):
             log.info("device %s", line)
+        if self.inventory != before:
+            # Sinks follow every change, also one the kubelet does not see
+            # (a node of an NPU that is Unhealthy already).
+            self._inventory_changed.set()
+            self._inventory_changed = asyncio.Event()
         view = kubelet_view(self.inventory)
         if view == self._view:
             return False
@@ -181,3 +187,7 @@ class DeviceState:
     def next_change(self) -> asyncio.Event:
         """The event the next change sets; take it before reading the state."""
         return self._changed
+
+    def next_inventory_change(self) -> asyncio.Event:
+        """Set by the next rescan that changes anything in the inventory."""
+        return self._inventory_changed

@@ -73,11 +73,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- end -}}
 
 {{/*
-The agent's config file. Only resourceName, hpe, discovery and health,
-written field by field in a fixed order (the agent's own order; health as
-sorted YAML), so the file and its checksum depend only on these values. The
-discovery lists and health came after 0.1.0: an upgrade with --reuse-values
-has none, and the agent's defaults (the same as values.yaml's) apply.
+The agent's config file. Only resourceName, hpe, discovery,
+deviceListStrategy, stcSetDevices, cdi and health, written field by field in
+a fixed order (the agent's own order; health as sorted YAML), so the file and
+its checksum depend only on these values. The discovery lists and the later
+sections came after 0.1.0: an upgrade with --reuse-values has none, and the
+agent's defaults (the same as values.yaml's) apply.
 */}}
 {{- define "stc-npu.configFile" -}}
 resourceName: {{ .Values.resourceName | quote }}
@@ -93,10 +94,35 @@ discovery:
   {{ $key }}: {{ get $.Values.discovery $key | toJson }}
 {{- end }}
 {{- end }}
+deviceListStrategy:
+{{- range include "stc-npu.deviceListStrategy" . | fromJsonArray }}
+  - {{ . | quote }}
+{{- end }}
+stcSetDevices: {{ .Values.stcSetDevices | default "none" | quote }}
+cdi:
+  specDir: {{ include "stc-npu.cdiSpecDir" . | quote }}
 {{- with .Values.health }}
 health:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/*
+deviceListStrategy and cdi.specDir with their defaults. Keys added after
+0.1.0 may be absent: `helm upgrade --reuse-values` (helm 3) renders with the
+old release's values, not this chart's values.yaml.
+*/}}
+{{- define "stc-npu.deviceListStrategy" -}}
+{{- .Values.deviceListStrategy | default (list "device-specs") | toJson -}}
+{{- end -}}
+
+{{- define "stc-npu.cdiSpecDir" -}}
+{{- dig "specDir" "/var/run/cdi" (.Values.cdi | default dict) -}}
+{{- end -}}
+
+{{/* "true" when Allocate answers CDI names: the agent then writes the spec. */}}
+{{- define "stc-npu.usesCdi" -}}
+{{- if has "cdi-cri" (include "stc-npu.deviceListStrategy" . | fromJsonArray) -}}true{{- end -}}
 {{- end -}}
 
 {{/*

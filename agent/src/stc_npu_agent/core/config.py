@@ -17,6 +17,15 @@ from typing import Any, Literal
 
 HpeMode = Literal["mapped", "unmapped"]
 HPE_MODES: tuple[HpeMode, ...] = ("mapped", "unmapped")
+# How Allocate names a container's devices: DeviceSpecs (every runtime) or
+# CDI device names (runtimes with CDI: containerd 2.x, CRI-O).
+DeviceListStrategy = Literal["device-specs", "cdi-cri"]
+DEVICE_LIST_STRATEGIES: tuple[DeviceListStrategy, ...] = ("device-specs", "cdi-cri")
+# Whether (and how) Allocate sets STC_SET_DEVICES, the HPE runtime's list of
+# cluster IDs (see core/allocation.py for what each mode means).
+StcSetDevices = Literal["none", "global", "local"]
+STC_SET_DEVICES_MODES: tuple[StcSetDevices, ...] = ("none", "global", "local")
+DEFAULT_CDI_SPEC_DIR = "/var/run/cdi"
 
 DEFAULT_RESOURCE_NAME = "streamcomputing.com/npu"
 DEFAULT_HPE_PATH = "/usr/local/hpe"
@@ -118,11 +127,26 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class CdiConfig:
+    # Where the agent writes its CDI spec (only with deviceListStrategy
+    # cdi-cri): a directory the container runtime reads specs from.
+    spec_dir: str = DEFAULT_CDI_SPEC_DIR
+
+
+@dataclass(frozen=True)
 class Config:
     resource_name: str = DEFAULT_RESOURCE_NAME
     hpe: HpeConfig = field(default_factory=HpeConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    device_list_strategy: tuple[DeviceListStrategy, ...] = ("device-specs",)
+    stc_set_devices: StcSetDevices = "none"
+    cdi: CdiConfig = field(default_factory=CdiConfig)
+
+    @property
+    def uses_cdi(self) -> bool:
+        """Allocate answers CDI device names, so the spec must be written."""
+        return "cdi-cri" in self.device_list_strategy
 
     def to_mapping(self) -> dict[str, Any]:
         """The effective config in the file's own shape (for the start-up log)."""
@@ -159,6 +183,9 @@ class Config:
                     for name, policy in self.health.signals.items()
                 },
             },
+            "deviceListStrategy": list(self.device_list_strategy),
+            "stcSetDevices": self.stc_set_devices,
+            "cdi": {"specDir": self.cdi.spec_dir},
         }
 
 
@@ -194,6 +221,28 @@ def extended_resource_name_problem(name: str) -> str | None:
     return None
 
 
+_CDI_VENDOR_OR_CLASS = re.compile(r"[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
+
+
+def cdi_kind_problem(kind: str) -> str | None:
+    """Why CDI would refuse ``kind`` (``vendor/class``), or None.
+
+    Vendor and class each start with a letter, end with a letter or digit,
+    and hold only letters, digits, '_', '-' and '.' (a resource name's domain
+    may start with a digit: CDI's vendor may not).
+    """
+    vendor, slash, class_ = kind.partition("/")
+    if not slash or not vendor or not class_:
+        return "a CDI kind is vendor/class"
+    for part, what in ((vendor, "vendor"), (class_, "class")):
+        if not _CDI_VENDOR_OR_CLASS.fullmatch(part):
+            return (
+                f"{what} {part!r} must start with a letter, end with a letter or digit "
+                "and hold only letters, digits, '_', '-', '.'"
+            )
+    return None
+
+
 def _resource_name(key: str, value: object) -> str:
     text = _string(key, value)
     problem = extended_resource_name_problem(text)
@@ -222,6 +271,28 @@ def _absolute_path(key: str, value: object) -> str:
 def _hpe_mode(key: str, value: object) -> str:
     if value not in HPE_MODES:
         raise ConfigError(f"{key}: expected one of {', '.join(HPE_MODES)}, got {_describe(value)}")
+    return str(value)
+
+
+def _device_list_strategy(key: str, value: object) -> tuple[str, ...]:
+    known = ", ".join(DEVICE_LIST_STRATEGIES)
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of {known}, got {_describe(value)}")
+    if not value:
+        raise ConfigError(f"{key}: must name at least one of {known}")
+    for item in value:
+        if item not in DEVICE_LIST_STRATEGIES:
+            raise ConfigError(f"{key}: unknown strategy {_describe(item)} (known: {known})")
+    repeated = sorted({item for item in value if value.count(item) > 1})
+    if repeated:
+        raise ConfigError(f"{key}: {', '.join(repeated)} listed more than once")
+    return tuple(value)
+
+
+def _stc_set_devices(key: str, value: object) -> str:
+    if value not in STC_SET_DEVICES_MODES:
+        known = ", ".join(STC_SET_DEVICES_MODES)
+        raise ConfigError(f"{key}: expected one of {known}, got {_describe(value)}")
     return str(value)
 
 
@@ -467,9 +538,14 @@ _SECTIONS: dict[str, dict[str, tuple[Validator, str]]] = {
         "pciVendors": (_pci_vendors, "pci_vendors"),
         "drivers": (_drivers, "drivers"),
     },
+    "cdi": {
+        "specDir": (_absolute_path, "spec_dir"),
+    },
 }
 _TOP_LEVEL: dict[str, tuple[Validator, str]] = {
     "resourceName": (_resource_name, "resource_name"),
+    "deviceListStrategy": (_device_list_strategy, "device_list_strategy"),
+    "stcSetDevices": (_stc_set_devices, "stc_set_devices"),
 }
 
 
@@ -513,4 +589,18 @@ def parse_config(raw: object) -> Config:
     )
     _check_required_members(discovery)
     health = _health(raw.get("health"))
-    return Config(hpe=hpe, discovery=discovery, health=health, **top)  # type: ignore[arg-type]
+    cdi = CdiConfig(**_section_values("cdi", raw.get("cdi"), _SECTIONS["cdi"]))  # type: ignore[arg-type]
+    config = Config(hpe=hpe, discovery=discovery, health=health, cdi=cdi, **top)  # type: ignore[arg-type]
+    _check_combination(config)
+    return config
+
+
+def _check_combination(config: Config) -> None:
+    """Rules across keys: each value alone was valid."""
+    if config.uses_cdi:
+        problem = cdi_kind_problem(config.resource_name)
+        if problem:
+            raise ConfigError(
+                f"deviceListStrategy: cdi-cri names devices by the CDI kind "
+                f"{config.resource_name!r} (the resourceName), which CDI refuses: {problem}"
+            )
