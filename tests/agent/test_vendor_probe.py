@@ -95,9 +95,13 @@ def test_card_off_turns_unhealthy_after_the_threshold_and_recovers(
         assert reason(state, "stc1") == "cardStatus on (1 of 2 good readings)"
         await probe.probe_all()
         assert state.inventory.healthy_ids() == {"stc0", "stc1", "stc2", "stc3"}
-        assert [(t.npu, t.signal, t.old, t.new, t.value) for t in recorder.transitions] == [
+        # Each NPU's readings count when its own run ends, in whatever order.
+        changes = [(t.npu, t.signal, t.old, t.new, t.value) for t in recorder.transitions]
+        assert sorted(changes[:2]) == [
             ("stc1", "cardStatus", "ok", "bad", "off"),
             ("stc2", "clusterStatus", "ok", "bad", "DEAD cluster 2"),
+        ]
+        assert sorted(changes[2:]) == [
             ("stc1", "cardStatus", "bad", "ok", "on"),
             ("stc2", "clusterStatus", "bad", "ok", "4 WORK"),
         ]
