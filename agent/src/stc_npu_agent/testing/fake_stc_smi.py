@@ -109,9 +109,14 @@ _calls_path = ""
 
 
 def record(line: str) -> None:
-    """One line to the calls file (appends are atomic for short lines)."""
-    with open(_calls_path, "a", encoding="utf-8") as calls:
-        calls.write(line + "\n")
+    """One line to the calls file (appends are atomic for short lines). Left
+    out where it cannot be written: the fake may sit on a read-only mount
+    (e.g. the agent's view of the host's HPE dir)."""
+    try:
+        with open(_calls_path, "a", encoding="utf-8") as calls:
+            calls.write(line + "\n")
+    except OSError:
+        pass
 
 
 def misbehave(behaviour: str, index: int, text: str) -> str:
