@@ -191,6 +191,8 @@ OPEN_KUBERNETES_OBJECTS = {
     "affinity.podAffinity",
     "affinity.podAntiAffinity",
     "extraEnv.*.valueFrom",
+    "extraVolumes",  # each item: a name and any volume source
+    "global",  # Helm's own: a parent chart's globals, which the chart ignores
 }
 
 
