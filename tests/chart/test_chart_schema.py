@@ -44,6 +44,19 @@ SCHEMA_ERRORS = [
     (["test.image.tagg=1"], r"tagg"),
     (["affinity.nodeAffinty.x=y"], r"nodeAffinty"),
     (["resources.request.cpu=1"], r"request"),
+    (["securityContext.privilegd=true"], r"privilegd"),
+    (["securityContext.seccompProfile.type=Bogus"], r"securityContext[./]seccompProfile[./]type"),
+    (["podSecurityContext.fsGroup=-1"], r"podSecurityContext[./]fsGroup"),
+    (["serviceAccount.nmae=x"], r"nmae"),
+    (["serviceAccount.create=yes"], r"serviceAccount[./]create"),
+    (["fullnameOverride=Bad_Name"], r"fullnameOverride"),
+    (["runtimeClassName=Bad_Name"], r"runtimeClassName"),
+    (["revisionHistoryLimit=-1"], r"revisionHistoryLimit"),
+    (["probes.liveness.periodSeconds=0"], r"probes[./]liveness[./]periodSeconds"),
+    (["probes.readiness.httpGet.path=/x"], r"httpGet"),
+    (["commonLabels.bad key=x"], r"bad key"),
+    (["extraVolumeMounts[0].name=ca"], r"mountPath"),
+    (["extraVolumes[0].configMap.name=ca"], r"name"),
 ]
 
 # templates/validate.yaml: combinations the schema cannot express.
@@ -57,6 +70,8 @@ TEMPLATE_ERRORS = [
     (["resourceName=npu.kubernetes.io/x"], r"resourceName: .*kubernetes\.io domain is reserved"),
     (["resourceName=requests.example.com/npu"], r"resourceName: .*requests\."),
     (["probes.port=9836"], r"probes\.port: 9836 is the vendor's npu-exporter port"),
+    (["commonLabels.helm\\.sh/chart=x"], r"commonLabels\.helm\.sh/chart"),
+    (["commonLabels.team=a", "podLabels.team=b"], r"podLabels\.team: also set in commonLabels"),
 ]
 
 

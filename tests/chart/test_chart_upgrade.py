@@ -11,13 +11,14 @@ the same name and selector, or `helm upgrade` breaks installed clusters.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.chart.chartkit import render, run_helm, template_args
+from tests.chart.chartkit import CHART, render, run_helm, template_args
 
 PREVIOUS = Path(__file__).parent / "previous"
 RELEASES = sorted(PREVIOUS.glob("values-*.yaml"))
@@ -59,3 +60,55 @@ def test_selector_ignores_every_value() -> None:
     sets = ["podLabels.team=x", "image.tag=9.9.9", "resourceName=example.com/npu"]
     changed = render(sets=sets).kind("DaemonSet")["spec"]["selector"]
     assert changed == render().kind("DaemonSet")["spec"]["selector"]
+
+
+def _chart_copy(tmp_path: Path, version: str, app_version: str) -> Path:
+    copy = tmp_path / f"stc-npu-{version}"
+    shutil.copytree(CHART, copy)
+    chart_yaml = copy / "Chart.yaml"
+    chart = yaml.safe_load(chart_yaml.read_text(encoding="utf-8"))
+    text = chart_yaml.read_text(encoding="utf-8")
+    text = text.replace(f"version: {chart['version']}\n", f"version: {version}\n", 1)
+    text = text.replace(f'appVersion: "{chart["appVersion"]}"', f'appVersion: "{app_version}"', 1)
+    chart_yaml.write_text(text, encoding="utf-8")
+    assert yaml.safe_load(text)["version"] == version
+    return copy
+
+
+def _pod_template(helm: str, chart: Path, sets: list[str]) -> dict[str, Any]:
+    args = ["template", "stc-npu", str(chart), "-n", "kube-system"]
+    for item in sets:
+        args += ["--set", item]
+    result = run_helm(helm, args)
+    assert result.returncode == 0, result.stderr
+    (daemonset,) = [
+        doc for doc in yaml.safe_load_all(result.stdout) if doc and doc["kind"] == "DaemonSet"
+    ]
+    template: dict[str, Any] = daemonset["spec"]["template"]
+    return template
+
+
+def test_a_chart_only_release_keeps_the_pod_template(helm: str, tmp_path: Path) -> None:
+    # A new chart version with the same image and config must not restart
+    # every agent: the pod template, which the DaemonSet rolls on, is equal.
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
+    bumped = _chart_copy(tmp_path, "99.0.0", chart["appVersion"])
+    assert _pod_template(helm, bumped, []) == _pod_template(helm, CHART, [])
+
+
+def test_a_new_app_version_with_the_image_pinned_keeps_the_pod_template(
+    helm: str, tmp_path: Path
+) -> None:
+    pinned = ["image.tag=0.1.0"]
+    bumped = _chart_copy(tmp_path, "99.0.0", "99.0.0")
+    assert _pod_template(helm, bumped, pinned) == _pod_template(helm, CHART, pinned)
+    # ... while the default tag follows appVersion and so rolls the agents.
+    assert _pod_template(helm, bumped, []) != _pod_template(helm, CHART, [])
+
+
+def test_object_labels_still_say_the_chart_version() -> None:
+    daemonset = render().kind("DaemonSet")
+    assert daemonset["metadata"]["labels"]["helm.sh/chart"].startswith("stc-npu-")
+    template_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert "helm.sh/chart" not in template_labels
+    assert "app.kubernetes.io/version" not in template_labels
