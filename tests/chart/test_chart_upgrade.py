@@ -5,8 +5,15 @@ version (0.1.0 is this first one) and previous/immutable-<version>.yaml the
 DaemonSet name and selector it rendered. When a version is released, add its
 two files; never edit old ones. Each is rendered with the CURRENT chart: the
 old values must still be accepted (an upgrade with `-f` the old values, or
-with --reuse-values, must not fail on a removed or renamed key) and must give
-the same name and selector, or `helm upgrade` breaks installed clusters.
+with --reset-then-reuse-values, must not fail on a removed or renamed key)
+and must give the same name and selector, or `helm upgrade` breaks installed
+clusters.
+
+`--reuse-values` is different: Helm then renders the new templates with the
+OLD chart's defaults (pkg/action/upgrade.go: chart.Values = the old release's
+coalesced values), so values added since are missing. The schema requires
+those the templates cannot do without, so such an upgrade fails naming them
+(docs/operations.md says to use --reset-then-reuse-values).
 """
 
 from __future__ import annotations
@@ -112,3 +119,16 @@ def test_object_labels_still_say_the_chart_version() -> None:
     template_labels = daemonset["spec"]["template"]["metadata"]["labels"]
     assert "helm.sh/chart" not in template_labels
     assert "app.kubernetes.io/version" not in template_labels
+
+
+def test_reuse_values_from_0_1_0_fails_naming_the_new_values(helm: str, tmp_path: Path) -> None:
+    # What `helm upgrade --reuse-values` renders: this chart's templates and
+    # schema with 0.1.0's values as the defaults. Without the required keys
+    # the agent would lose its security contexts silently.
+    chart = tmp_path / "stc-npu"
+    shutil.copytree(CHART, chart)
+    shutil.copy(PREVIOUS / "values-0.1.0.yaml", chart / "values.yaml")
+    result = run_helm(helm, ["template", "stc-npu", str(chart), "-n", "kube-system"])
+    assert result.returncode != 0
+    for key in ("podSecurityContext", "securityContext", "serviceAccount", "liveness"):
+        assert key in result.stderr, result.stderr
