@@ -108,22 +108,38 @@ CASES = [
     Case(
         "image.repository",
         {"image": {"repository": "registry.example.com/stc-npu-agent"}},
-        {f"{C}.image": "registry.example.com/stc-npu-agent:0.1.0"},
+        {
+            f"{C}.image": "registry.example.com/stc-npu-agent:0.1.0",
+            f"{AGENTS}.containers.0.image": "registry.example.com/stc-npu-agent:0.1.0",
+        },
     ),
     Case(
         "image.tag",
         {"image": {"tag": "0.2.0"}},
-        {f"{C}.image": "ghcr.io/stc-npu/stc-npu-agent:0.2.0"},
+        {
+            f"{C}.image": "ghcr.io/stc-npu/stc-npu-agent:0.2.0",
+            f"{AGENTS}.containers.0.image": "ghcr.io/stc-npu/stc-npu-agent:0.2.0",
+        },
     ),
     Case(
         "image.digest",
         {"image": {"tag": "0.2.0", "digest": DIGEST}},
-        {f"{C}.image": f"ghcr.io/stc-npu/stc-npu-agent@{DIGEST}", f"{DS_SKIP}skip5": MISSING},
+        {
+            f"{C}.image": f"ghcr.io/stc-npu/stc-npu-agent@{DIGEST}",
+            f"{AGENTS}.containers.0.image": f"ghcr.io/stc-npu/stc-npu-agent@{DIGEST}",
+            f"{DS_SKIP}skip5": MISSING,
+            f"{AGENTS_SKIP}skip3": MISSING,
+        },
     ),
     Case(
         "image.pullPolicy",
         {"image": {"pullPolicy": "Always"}},
-        {f"{C}.imagePullPolicy": "Always", f"{DS_SKIP}skip4": MISSING},
+        {
+            f"{C}.imagePullPolicy": "Always",
+            f"{AGENTS}.containers.0.imagePullPolicy": "Always",
+            f"{DS_SKIP}skip4": MISSING,
+            f"{AGENTS_SKIP}skip2": MISSING,
+        },
     ),
     Case(
         "imagePullSecrets",
@@ -259,33 +275,22 @@ CASES = [
     Case(
         "test.image.repository",
         {"test": {"image": {"repository": "registry.example.com/busybox"}}},
-        {
-            f"{TEST}.image": "registry.example.com/busybox:1.37.0",
-            f"{AGENTS}.containers.0.image": "registry.example.com/busybox:1.37.0",
-        },
+        {f"{TEST}.image": "registry.example.com/busybox:1.37.0"},
     ),
     Case(
         "test.image.tag",
         {"test": {"image": {"tag": "1.36.1"}}},
-        {
-            f"{TEST}.image": "docker.io/library/busybox:1.36.1",
-            f"{AGENTS}.containers.0.image": "docker.io/library/busybox:1.36.1",
-        },
+        {f"{TEST}.image": "docker.io/library/busybox:1.36.1"},
     ),
     Case(
         "test.image.digest",
         {"test": {"image": {"digest": DIGEST}}},
-        {
-            f"{TEST}.image": f"docker.io/library/busybox@{DIGEST}",
-            f"{AGENTS}.containers.0.image": f"docker.io/library/busybox@{DIGEST}",
-            f"{TEST_SKIP}skip3": MISSING,
-            f"{AGENTS_SKIP}skip3": MISSING,
-        },
+        {f"{TEST}.image": f"docker.io/library/busybox@{DIGEST}", f"{TEST_SKIP}skip3": MISSING},
     ),
     Case(
         "test.image.pullPolicy",
         {"test": {"image": {"pullPolicy": "Never"}}},
-        {f"{TEST}.imagePullPolicy": "Never", f"{AGENTS}.containers.0.imagePullPolicy": "Never"},
+        {f"{TEST}.imagePullPolicy": "Never"},
     ),
     Case(
         "test.tolerations",
