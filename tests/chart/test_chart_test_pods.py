@@ -42,7 +42,8 @@ def busybox_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _container(rendered: Render, identity: str) -> dict[str, Any]:
-    (container,) = rendered.object(identity)["spec"]["containers"]
+    containers: list[dict[str, Any]] = rendered.object(identity)["spec"]["containers"]
+    (container,) = containers
     return container
 
 
