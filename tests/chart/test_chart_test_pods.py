@@ -210,6 +210,25 @@ def test_agents_check_refuses_a_server_its_ca_did_not_sign(
     assert api.requests == []  # the token never left
 
 
+@needs_openssl
+def test_agents_check_steps_aside_when_the_api_is_unreachable(api: FakeApi, account: Path) -> None:
+    # Clusters whose pods have no route to the API server (no kube-proxy):
+    # the check cannot judge, so the NPU test runs as it did without it.
+    container = _container(render(), "Pod-test-agents")
+    port = api.server.server_address[1]
+    api.server.shutdown()
+    api.server.server_close()
+    env = {
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": str(port),
+        "SERVICEACCOUNT_DIR": str(account),
+        "WAIT_SECONDS": "600",
+    }
+    result = _run(container, [sys.executable, "-I", "-c"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SKIP: cannot reach the API server" in result.stdout
+
+
 def _allocate(
     busybox_bin: Path, hpe: Path, devices: str = "null"
 ) -> subprocess.CompletedProcess[str]:
