@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TOOLS := .tools/bin
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/$(TOOLS):$(PATH)
 
-.PHONY: venv tools lint typecheck test demo proto bench
+.PHONY: venv tools lint typecheck test demo proto bench chart-package
 
 $(VENV)/.installed: requirements-dev.txt agent/pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,3 +43,16 @@ bench: venv
 .PHONY: soak
 soak: venv
 	$(PY) -m pytest -m slow -s tests/reliability
+
+# The chart as a .tgz in $(CHART_DIST) (without ci/ scenarios and the icon's
+# source, see chart/stc-npu/.helmignore), linted and installed with
+# --dry-run=client from the package itself. Publishing: docs/operations.md.
+CHART_DIST ?= dist/chart
+chart-package: tools
+	rm -rf $(CHART_DIST) && mkdir -p $(CHART_DIST)
+	$(TOOLS)/helm3 package chart/stc-npu --destination $(CHART_DIST)
+	@if tar -tzf $(CHART_DIST)/stc-npu-*.tgz | grep -E '^stc-npu/(ci/|icon\.svg)'; then \
+	  echo "chart-package: the package holds test scaffolding" >&2; exit 1; fi
+	$(TOOLS)/helm3 lint --strict $(CHART_DIST)/stc-npu-*.tgz
+	$(TOOLS)/helm4 install stc-npu $(CHART_DIST)/stc-npu-*.tgz -n kube-system --dry-run=client >/dev/null
+	@echo "chart-package: $$(ls $(CHART_DIST)/stc-npu-*.tgz) installs (helm 4 --dry-run=client)"
