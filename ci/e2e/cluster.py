@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -653,8 +654,10 @@ class Cluster:
         if not Path("/var/lib/cni").exists():
             record("dirs", "/var/lib/cni")
         # The kubelet's cgroupRoot must exist in every hierarchy it uses.
+        # The kubelet also makes it in the cgroup v2 (unified) hierarchy: it is
+        # recorded for removal everywhere.
         for hierarchy in sorted(CGROUP_FS.iterdir()):
-            if hierarchy.name == "unified" or not (hierarchy / "cgroup.procs").exists():
+            if not (hierarchy / "cgroup.procs").exists():
                 continue
             record("cgroups", str(hierarchy / CGROUP_NAME))
             (hierarchy / CGROUP_NAME).mkdir(exist_ok=True)
@@ -662,6 +665,8 @@ class Cluster:
                 for knob in ("cpuset.cpus", "cpuset.mems"):
                     value = (hierarchy / knob).read_text().strip()
                     (hierarchy / CGROUP_NAME / knob).write_text(value)
+        if not NETNS_PATH.parent.exists():
+            record("made_netns_dir", "/run/netns")  # `ip netns add` makes it a mount
         record("netns", NETNS)
         run(["ip", "netns", "add", NETNS])
         run(["ip", "link", "add", HOST_VETH, "type", "veth", "peer", "name", NODE_VETH])
@@ -841,59 +846,93 @@ def _remove_cgroup_tree(root: Path) -> None:
     root.rmdir()
 
 
+class _Undo:
+    """Runs undo actions, collecting (never raising) what fails."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def __call__(self, what: str, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except Exception as error:  # teardown goes on; the error is reported
+            self.problems.append(f"{what}: {error}")
+
+
+def _stop_everything(undo: _Undo, processes: list[dict[str, Any]]) -> None:
+    """The kubelets first (so they restart nothing), containerd's pods and
+    tasks while containerd still runs, then every other process, last first,
+    and the shims of our containerd."""
+    for proc in [p for p in processes if p["name"].startswith("kubelet")]:
+        undo(f"stop {proc['name']}", partial(stop_process, proc["pid"], proc["start"]))
+    if any(p["name"] == "containerd" and is_running(p["pid"], p["start"]) for p in processes):
+        undo("containerd cleanup", _clean_containerd)
+    for proc in reversed(load_state().get("processes", [])):
+        undo(f"stop {proc['name']}", partial(stop_process, proc["pid"], proc["start"]))
+    for pid in shim_pids():
+        undo(f"kill shim {pid}", partial(stop_process, pid, None, timeout=5))
+
+
+def _delete_network(undo: _Undo, state: dict[str, Any]) -> None:
+    if NETNS not in state.get("netns", []):
+        return
+    if NETNS_PATH.exists():
+        undo("delete netns", lambda: run(["ip", "netns", "delete", NETNS]))
+    # The host end of the veth goes with its peer (asynchronously); this
+    # covers a half-made pair.
+    if Path(f"/sys/class/net/{HOST_VETH}").exists():
+        undo("delete veth", lambda: run(["ip", "link", "delete", HOST_VETH], check=False))
+    if "/run/netns" in state.get("made_netns_dir", []) and not any(NETNS_PATH.parent.iterdir()):
+        undo("remove /run/netns", lambda: run(["umount", str(NETNS_PATH.parent)], check=False))
+        undo("remove /run/netns", NETNS_PATH.parent.rmdir)
+
+
+def _clear_base() -> None:
+    """Everything of BASE but containerd's image store (the warm-run cache)
+    and the state file."""
+    if BASE.is_dir():
+        for child in BASE.iterdir():
+            if child.name not in ("containerd", STATE_FILE.name):
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+
+
 def down(extra_undo: Sequence[Callable[[], None]] = ()) -> list[str]:
     """Undo everything the state file records; returns what could not be undone.
 
-    Order: the kubelet first (so it restarts nothing), containerd's pods and
-    tasks while containerd still runs, the other processes, leftover shims,
-    mounts, cgroups, the netns, device nodes and directories we made, and
-    last the sysctls the kubelet changed.
+    Order: extra actions (a test's own), processes, mounts (the node's mount
+    namespace with all its mounts goes with its holder), cgroups, the netns,
+    device nodes and directories we made, and last the sysctls the kubelet
+    changed. A second call finds nothing left to do.
     """
-    problems: list[str] = []
     state = load_state()
     if not state:
-        return problems
-
-    def attempt(what: str, action: Callable[[], object]) -> None:
-        try:
-            action()
-        except Exception as error:
-            problems.append(f"{what}: {error}")
-
-    for undo in extra_undo:
-        attempt("extra teardown", undo)
-    processes = state.get("processes", [])
-    for proc in [p for p in processes if p["name"].startswith("kubelet")]:
-        attempt(f"stop {proc['name']}", lambda p=proc: stop_process(p["pid"], p["start"]))
-    if any(p["name"] == "containerd" and is_running(p["pid"], p["start"]) for p in processes):
-        attempt("containerd cleanup", _clean_containerd)
-    for proc in reversed(load_state().get("processes", [])):
-        attempt(f"stop {proc['name']}", lambda p=proc: stop_process(p["pid"], p["start"]))
-    for pid in shim_pids():
-        attempt(f"kill shim {pid}", lambda pid=pid: stop_process(pid, None, timeout=5))
+        return []
+    undo = _Undo()
+    for action in extra_undo:
+        undo("extra teardown", action)
+    _stop_everything(undo, state.get("processes", []))
     for point in mounts_under([BASE, RUN]):
-        attempt(f"umount {point}", lambda p=point: run(["umount", "-l", p]))
+        undo(f"umount {point}", partial(run, ["umount", "-l", point]))
     for cgroup in load_state().get("cgroups", []):
-        attempt(f"remove cgroup {cgroup}", lambda c=cgroup: _remove_cgroup_tree(Path(c)))
-    if NETNS in state.get("netns", []):
-        if NETNS_PATH.exists():
-            attempt("delete netns", lambda: run(["ip", "netns", "delete", NETNS]))
-        # The host end of the veth goes with its peer; this covers a half-made pair.
-        if Path(f"/sys/class/net/{HOST_VETH}").exists():
-            attempt("delete veth", lambda: run(["ip", "link", "delete", HOST_VETH], check=False))
+        undo(f"remove cgroup {cgroup}", partial(_remove_cgroup_tree, Path(cgroup)))
+    _delete_network(undo, state)
     for node in state.get("device_nodes", []):
-        attempt(f"remove {node}", lambda n=node: _remove_device_node(Path(n)))
+        undo(f"remove {node}", partial(_remove_device_node, Path(node)))
     for directory in reversed(state.get("dirs", [])):
-        attempt(f"remove {directory}", lambda d=directory: shutil.rmtree(d, ignore_errors=True))
+        undo(f"remove {directory}", partial(shutil.rmtree, directory, ignore_errors=True))
+    undo("clear " + str(BASE), _clear_base)
     for name, value in state.get("sysctls", {}).items():
-        attempt(f"restore {name}", lambda n=name, v=value: sysctl_path(n).write_text(v + "\n"))
-    if problems:
+        undo(f"restore {name}", partial(sysctl_path(name).write_text, value + "\n"))
+    if undo.problems:
         state = load_state()
-        state["problems"] = problems
+        state["problems"] = undo.problems
         save_state(state)
     else:
         STATE_FILE.unlink(missing_ok=True)
-    return problems
+    return undo.problems
 
 
 def _remove_device_node(path: Path) -> None:

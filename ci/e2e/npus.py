@@ -21,6 +21,7 @@ import stat
 from pathlib import Path
 
 from ci.e2e.cluster import BASE, DEVICE_MAJOR, record, unrecord
+
 from stc_npu_agent.testing.simnode import SimNode
 
 SIM_ROOT = BASE / "simnode"
@@ -75,7 +76,9 @@ class HostNpus:
             if path.exists() or path.is_symlink():
                 info = path.lstat()
                 if not (stat.S_ISCHR(info.st_mode) and os.major(info.st_rdev) == DEVICE_MAJOR):
-                    raise RuntimeError(f"{path} exists and is not a simulated NPU node; not touching it")
+                    raise RuntimeError(
+                        f"{path} exists and is not a simulated NPU node; not touching it"
+                    )
                 path.unlink()
             record("device_nodes", str(path))
             os.mknod(path, stat.S_IFCHR | NODE_MODE, os.makedev(major, minor))
