@@ -84,3 +84,16 @@ def e2e() -> Iterator[E2E]:
             problems = cluster.down()
         for problem in problems:
             transcript.say(f"  could not undo: {problem}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Each test's outcome and duration in the transcript (setup and teardown
+    only when they fail)."""
+    if report.when == "call" or report.outcome == "failed":
+        outcome = "XFAIL" if hasattr(report, "wasxfail") else report.outcome.upper()
+        transcript.say(f"=== {outcome} {report.nodeid} ({report.when}, {report.duration:.1f} s)")
+
+
+@pytest.fixture(autouse=True)
+def _announce(request: pytest.FixtureRequest) -> None:
+    transcript.say(f"=== {request.node.name}")
