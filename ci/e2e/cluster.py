@@ -64,6 +64,7 @@ CONTAINERD_SOCK = RUN / "containerd.sock"
 KUBELET_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 PLUGIN_DIR = BASE / "device-plugins"  # what the node sees at KUBELET_PLUGIN_DIR
 NODE_MNTNS = RUN / "ns" / "mnt"
+CONTAINER_LOG_LINKS = Path("/var/log/containers")  # fixed in every kubelet
 # The kubelet changes these at start (protectKernelDefaults false); teardown
 # puts back the values read before.
 KUBELET_SYSCTLS = (
@@ -76,6 +77,9 @@ KUBELET_SYSCTLS = (
 )
 # The major number of the simulated NPUs' device nodes (240-254: local use).
 DEVICE_MAJOR = 240
+# The namespace of the v1.23 kubelet's static pods (their logs go to the
+# fixed /var/log/pods/<namespace>_<name>_<uid>).
+STATIC_POD_NAMESPACE = "stc-npu-e2e"
 # Labels that make the chart's default affinity place the agent on the node.
 NODE_LABELS = "streamcomputing.com/npu.present=true"
 
@@ -650,9 +654,12 @@ class Cluster:
         for stale in ("kubelet", "kubelet-pki", "pod-logs", "cni", "etcd", "device-plugins", "pki"):
             shutil.rmtree(BASE / stale, ignore_errors=True)
         record("dirs", str(RUN))
-        # The CNI library keeps a cache in /var/lib/cni; remove it only if we made it.
-        if not Path("/var/lib/cni").exists():
-            record("dirs", "/var/lib/cni")
+        # The CNI library keeps a cache in /var/lib/cni, and every kubelet links
+        # container logs from the fixed /var/log/containers: removed only if we
+        # made them (our links in there go at teardown in any case).
+        for shared in ("/var/lib/cni", str(CONTAINER_LOG_LINKS)):
+            if not Path(shared).exists():
+                record("dirs", shared)
         # The kubelet's cgroupRoot must exist in every hierarchy it uses.
         # The kubelet also makes it in the cgroup v2 (unified) hierarchy: it is
         # recorded for removal everywhere.
@@ -887,6 +894,18 @@ def _delete_network(undo: _Undo, state: dict[str, Any]) -> None:
         undo("remove /run/netns", NETNS_PATH.parent.rmdir)
 
 
+def _remove_container_log_links() -> None:
+    """Our kubelets' links in /var/log/containers: those pointing into BASE
+    (v1.36's podLogsDir) or to the pod log dirs of our static pods."""
+    if not CONTAINER_LOG_LINKS.is_dir():
+        return
+    for link in CONTAINER_LOG_LINKS.iterdir():
+        if link.is_symlink():
+            target = os.readlink(link)
+            if target.startswith((f"{BASE}/", f"/var/log/pods/{STATIC_POD_NAMESPACE}_")):
+                link.unlink()
+
+
 def _clear_base() -> None:
     """Everything of BASE but containerd's image store (the warm-run cache)
     and the state file."""
@@ -923,6 +942,7 @@ def down(extra_undo: Sequence[Callable[[], None]] = ()) -> list[str]:
         undo(f"remove {node}", partial(_remove_device_node, Path(node)))
     for directory in reversed(state.get("dirs", [])):
         undo(f"remove {directory}", partial(shutil.rmtree, directory, ignore_errors=True))
+    undo("remove container log links", _remove_container_log_links)
     undo("clear " + str(BASE), _clear_base)
     for name, value in state.get("sysctls", {}).items():
         undo(f"restore {name}", partial(sysctl_path(name).write_text, value + "\n"))

@@ -135,9 +135,11 @@ def unpack_binaries() -> bool:
 
 
 def build_images() -> None:
-    cluster.run(
+    # Its own progress lines go straight to our stdout.
+    subprocess.run(
         [sys.executable, str(REPO / "ci" / "e2e" / "images" / "build.py"), str(IMAGES_DIR)],
         timeout=1800,
+        check=True,
     )
     for line in (IMAGES_DIR / "images.txt").read_text().splitlines():
         transcript.say(f"  image {line}")
@@ -161,10 +163,13 @@ class Interrupted:
 
 def run_tests(interrupted: Interrupted) -> int:
     env = dict(os.environ, STC_E2E_IMAGES=str(IMAGES_DIR))
+    env[transcript.START_ENV] = str(transcript.started_at())
     child = subprocess.Popen(
         [
             sys.executable, "-m", "pytest", "tests/e2e",
             "-p", "no:cacheprovider", "-q", "-rfEX",
+            # -s: the transcript's lines go out as they happen.
+            "-s",
         ],
         cwd=REPO,
         env=env,

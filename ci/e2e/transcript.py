@@ -8,13 +8,17 @@ run in one block at the end even though the tests run in a child process.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-_start = time.monotonic()
+# One clock for the whole run: the driver (run.py) exports its start time,
+# so the lines of the pytest child continue its count.
+START_ENV = "STC_E2E_T0"
+_start = float(os.environ.get(START_ENV, time.time()))
 _log_path: Path | None = None
 _figures_path: Path | None = None
 
@@ -27,9 +31,14 @@ def configure(log_path: Path, figures_path: Path) -> None:
     _log_path, _figures_path = log_path, figures_path
 
 
+def started_at() -> float:
+    """The wall-clock time the transcript counts from."""
+    return _start
+
+
 def say(text: str) -> None:
     """One transcript line, stamped with the time since this process started."""
-    line = f"[{time.monotonic() - _start:7.1f}s] {text}"
+    line = f"[{time.time() - _start:7.1f}s] {text}"
     # sys.__stdout__: pytest's capture must not swallow the transcript.
     out = sys.__stdout__ or sys.stdout
     out.write(line + "\n")

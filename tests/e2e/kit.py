@@ -16,7 +16,10 @@ from ci.e2e.cluster import CGROUP_FS, CGROUP_NAME, DEVICE_MAJOR, LOG_DIR
 # klog: I1206 03:26:53.836898   12954 server.go:87] "message" key="value"
 T = TypeVar("T")
 
-_KLOG = re.compile(r"^[IWEF](\d{2})(\d{2}) (\d{2}:\d{2}:\d{2}\.\d{6})\s+(\d+) \S+\] (.*)$")
+# (v1.23 puts "??? " before the source file)
+_KLOG = re.compile(
+    r"^[IWEF](\d{2})(\d{2}) (\d{2}:\d{2}:\d{2}\.\d{6})\s+(\d+) (?:\?\?\? )?\S+\] (.*)$"
+)
 
 
 @dataclass(frozen=True)
