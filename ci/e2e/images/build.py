@@ -7,35 +7,43 @@ Entry point, as root on Debian 12, with the repository's venv (it needs pyyaml):
     .venv/bin/python ci/e2e/images/build.py OUT_DIR           build, then smoke-check
     .venv/bin/python ci/e2e/images/build.py --check OUT_DIR   smoke-check only
 
-It installs what it lacks with apt-get (buildah, debootstrap, busybox-static,
-gcc, libc6-dev, gnupg, ca-certificates) and says so. No registry is needed:
-every base image is a local stand-in, made from a debootstrap root fs.
+Exit 0 when every image is in OUT_DIR and the smoke check passed; otherwise 1
+with a one-line reason (and the tail of the failing step's log) on stderr.
+It installs what it lacks with apt-get (buildah, runc, debootstrap,
+busybox-static, gcc, libc6-dev, gnupg, ca-certificates) and says so. No
+registry is needed: every base image is a local stand-in, made from a
+debootstrap root fs. It prints one line per step with its duration; the full
+output of every step is in OUT_DIR/logs/.
 
 OUT_DIR/images.txt has one line per image, ``ROLE NAME TARBALL`` (TARBALL
-relative to OUT_DIR, a docker-archive for ``ctr -n k8s.io images import``):
+relative to OUT_DIR, a docker-archive for ``ctr -n k8s.io images import``;
+NAME fully qualified, as containerd lists it):
 
-    agent         <image.repository>:<image.tag or appVersion>  the chart's agent image,
-                  built from images/plugin/Dockerfile (values.yaml, Chart.yaml)
-    pause         registry.k8s.io/pause:3.10   (PAUSE_IMAGE below: pin containerd's
-                  sandbox image to it)
-    test          <test.image.repository>:<test.image.tag>  busybox, for `helm test`
-    pod-mapped    the image of images/pod-mapped/example-pod*.yaml
-    pod-unmapped  the image of images/pod-unmapped/example-pod*.yaml
+    agent         <image.repository>:<image.tag, or the chart's appVersion>,
+                  built from images/plugin/Dockerfile
+    pause         registry.k8s.io/pause:3.10 (PAUSE_IMAGE below: containerd's
+                  sandbox image must be pinned to it)
+    test          <test.image.repository>:<test.image.tag>, busybox for `helm test`
+    pod-mapped    the image images/pod-mapped/example-pod*.yaml run
+    pod-unmapped  the image images/pod-unmapped/example-pod*.yaml run
 
-Every name is read from the repository at build time. Python callers:
-``read_manifest(OUT_DIR)``, ``smoke_problems(OUT_DIR)``, ``PAUSE_IMAGE``.
+Every name is read from the repository at build time. From Python (pytest):
+``from ci.e2e.images import build``, then ``build.read_manifest(OUT_DIR)``,
+``build.smoke_problems(OUT_DIR)`` (a list, empty when all is well),
+``build.PAUSE_IMAGE``.
 
 Environment:
     STC_E2E_CACHE   cache dir (default /var/cache/stc-npu-e2e): the debootstrap
                     root fs, the vendor stand-in packages and the recipes of
-                    the cached base images (those live in buildah's storage)
+                    the images kept in buildah's storage between runs
     STC_E2E_MIRROR  Debian mirror for debootstrap (default http://deb.debian.org/debian)
 
-A warm run (cache in place) rebuilds only what the repository can change: the
-agent image and the workload images, always from the working tree; the
-stand-in bases, pause and busybox are rebuilt when their recipe changes.
-buildah's storage stays tidy: working containers are removed, and an image
-replaced under the same name is deleted.
+The agent image is rebuilt from the working tree on every run. Everything
+else is rebuilt only when what it is made of changes: the root fs and the
+stand-in bases (recipe), pause (pause.c), busybox (the Debian package), the
+workload images (their directory, base and build args). buildah's storage
+stays tidy: working containers are removed, and an image that lost its name
+to a new build is deleted. One build per cache runs at a time (a lock).
 
 Stand-ins, and how they differ from the real thing
 --------------------------------------------------
@@ -45,20 +53,26 @@ Stand-ins, and how they differ from the real thing
   no -security).
 * ``python:3.11-slim-bookworm``: the above plus Debian's python3 (3.11.2,
   in /usr/bin; the official image has its own CPython build in /usr/local),
-  python3-venv, ca-certificates, pip (from Debian's ensurepip) in /usr/local
-  and links /usr/local/bin/python{,3}. Debian's EXTERNALLY-MANAGED marker is
-  removed: the official image has none, and the Dockerfile uninstalls pip
-  from the system Python.
-* Builds need this machine's pip settings and CA trust store to reach the
-  package index. They are bind-mounted into every RUN step (``buildah bud
-  --volume``), never copied: no image, base or built, contains them.
+  python3-venv, ca-certificates, links /usr/local/bin/python{,3}, and pip
+  and setuptools in /usr/local from the wheels python3-venv ships (Debian
+  disables ensurepip for its system Python; pip 23.0.1, no ``wheel``
+  package). Debian's EXTERNALLY-MANAGED marker is removed: the official
+  image has none, and the Dockerfile uninstalls pip from the system Python.
+  Of the official image's ENV only LANG is set.
+* The agent build needs this machine's pip settings and CA trust store to
+  reach the package index. They are bind-mounted read-only into its RUN
+  steps (``buildah bud --volume``), never copied: no image, base or built,
+  contains them. buildah leaves the mount points behind, empty (an empty
+  /etc/pip.conf, empty directories); the smoke check tells those from
+  settings.
 * images/pod-unmapped needs the vendor's packages (HPE_URI, HPE_REPO_DEB,
   TENSORTURBO_WHEEL), which cannot be fetched here. Every instruction of its
   Dockerfile runs as written against stand-in packages made here and served
   from a file:// HPE_URI: a signed local apt repository package holding an
   ``hpe-simple`` that installs a placeholder /usr/local/hpe (a ``stcc`` that
   only says it is a stand-in), and a TensorTurbo wheel with only a version.
-  What differs is their content: no real HPE or TensorTurbo is in the image.
+  What differs is their content: no real HPE or TensorTurbo is in the image
+  (and the empty mount point of the stand-ins' directory is).
 """
 
 from __future__ import annotations
@@ -66,19 +80,22 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import fcntl
 import hashlib
+import inspect
 import io
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +110,10 @@ MANIFEST = "images.txt"
 DEFAULT_CACHE = "/var/cache/stc-npu-e2e"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
+# buildah's Recommends stay on: its runtime (runc) and network stack are among them.
 APT_PACKAGES = (
     "buildah",
+    "runc",
     "debootstrap",
     "busybox-static",
     "gcc",
@@ -128,6 +147,7 @@ APT_CONFIG = {
 }
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VENDOR_VERSION = "0.0.0"
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 class BuildError(Exception):
@@ -246,13 +266,21 @@ def agent_version(repo: Path) -> str:
 # Running things
 
 
+CONTAINER_PREFIX = "stc-npu-e2e-"
+
+
 @contextmanager
 def working_container(base: str) -> Iterator[str]:
     """A buildah working container from BASE (an image or "scratch"),
-    removed whatever happens."""
+    removed whatever happens; its name says which process made it, so that
+    a later build can remove it after a kill."""
     pull = [] if base == "scratch" else ["--pull=never"]
+    name = f"{CONTAINER_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
     created = subprocess.run(
-        ["buildah", "from", *pull, base], capture_output=True, text=True, check=False
+        ["buildah", "from", "--name", name, *pull, base],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if created.returncode != 0:
         raise BuildError(f"buildah from {base}: {created.stderr.strip()}")
@@ -261,6 +289,39 @@ def working_container(base: str) -> Iterator[str]:
         yield container
     finally:
         subprocess.run(["buildah", "rm", container], capture_output=True, check=False)
+
+
+def buildah_running() -> bool:
+    """Whether any buildah process runs on this machine."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "buildah":
+                return True
+        except OSError:
+            continue  # the process ended meanwhile
+    return False
+
+
+def remove_stale_containers(images: set[str]) -> list[str]:
+    """Removes what a killed build left behind: our named working containers
+    whose process is gone, and `buildah bud` containers of IMAGES when no
+    buildah runs (none of ours does while the cache lock is held)."""
+    listed = subprocess.run(
+        ["buildah", "containers", "--json"], capture_output=True, text=True, check=False
+    )
+    removed = []
+    idle = not buildah_running()
+    for container in json.loads(listed.stdout or "[]") or []:
+        name = str(container.get("containername", ""))
+        if name.startswith(CONTAINER_PREFIX):
+            pid = name.removeprefix(CONTAINER_PREFIX).split("-")[0]
+            stale = pid.isdigit() and not Path(f"/proc/{pid}").exists()
+        else:
+            stale = idle and container.get("imagename") in images
+        if stale:
+            subprocess.run(["buildah", "rm", name], capture_output=True, check=False)
+            removed.append(name)
+    return removed
 
 
 class Builder:
@@ -396,9 +457,7 @@ def ensure_packages(builder: Builder) -> None:
     with builder.step("installing " + " ".join(missing) + " with apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         builder.run(["apt-get", "update"], "apt", env=env)
-        builder.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", *missing], "apt", env=env
-        )
+        builder.run(["apt-get", "install", "-y", *missing], "apt", env=env)
 
 
 # --------------------------------------------------------------------------
@@ -586,31 +645,40 @@ def host_pip_settings(builder: Builder) -> list[str]:
     /etc/pip.conf, and every file or directory those settings name, at the
     same path. Nothing of it lands in a layer."""
     listing = builder.run([sys.executable, "-m", "pip", "config", "list"], "pip-config")
+    text, paths = pip_mounts(listing, os.path.exists)
+    config = builder.cache / "pip.conf"
+    config.write_text(text)
+    volumes = [f"{config}:/etc/pip.conf:ro", *(f"{path}:{path}:ro" for path in paths)]
+    return [option for volume in volumes for option in ("--volume", volume)]
+
+
+def pip_mounts(listing: str, exists: Callable[[str], bool]) -> tuple[str, list[str]]:
+    """From `pip config list` output: one pip.conf holding every setting (the
+    environment's PIP_* ones too), and the host paths those settings name
+    that EXISTS, outermost only. A file:// index counts with its parent: a
+    local simple index links to its files beside it. Without a `cert`
+    setting, pip would trust only its own bundle: it gets the system's."""
     settings: dict[str, str] = {}
     for line in listing.splitlines():
         key, _, value = line.partition("=")
         option = key.rpartition(".")[2]
         if option and value:
             settings[option] = ast.literal_eval(value) if value[0] in "'\"" else value
-    config = builder.cache / "pip.conf"
-    config.write_text(
-        "[global]\n" + "".join(f"{key} = {value}\n" for key, value in sorted(settings.items()))
-    )
-    volumes = [f"{config}:/etc/pip.conf:ro"]
+    if "cert" not in settings and exists(SYSTEM_CA_BUNDLE):
+        settings["cert"] = SYSTEM_CA_BUNDLE
+    text = "[global]\n" + "".join(f"{key} = {value}\n" for key, value in sorted(settings.items()))
     paths: set[str] = set()
     for value in settings.values():
         for word in value.split():
             path = word
             if word.startswith("file://"):
-                # A local index (.../simple) links to its files beside it.
                 path = os.path.dirname(word.removeprefix("file://").rstrip("/"))
-            if path.startswith("/") and os.path.exists(path):
+            if path.startswith("/") and exists(path):
                 paths.add(path)
-    # A path inside another one is already there.
-    for path in sorted(paths):
-        if not any(path != other and path.startswith(other + "/") for other in paths):
-            volumes.append(f"{path}:{path}:ro")
-    return [option for volume in volumes for option in ("--volume", volume)]
+    outermost = [
+        path for path in sorted(paths) if not any(path.startswith(other + "/") for other in paths)
+    ]
+    return text, outermost
 
 
 def bud(
@@ -664,11 +732,32 @@ def agent_image(builder: Builder, volumes: list[str]) -> str:
     return name
 
 
+def tree_digest(*roots: Path) -> str:
+    """What the files under ROOTS hold, by relative path."""
+    parts: list[str | bytes] = []
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            parts += [str(path.relative_to(root)), path.read_bytes()]
+    return recipe_of(*parts)
+
+
 def workload_image(
-    builder: Builder, role: str, build_args: dict[str, str], volumes: list[str]
+    builder: Builder,
+    role: str,
+    *,
+    base_id: str,
+    build_args: dict[str, str],
+    volumes: list[str],
+    inputs: Sequence[Path] = (),
 ) -> str:
+    """An example workload image, rebuilt when its directory, base image,
+    build args or INPUTS change (all it is made of)."""
     directory = builder.repo / "images" / role
     name = example_pod_image(directory)
+    recipe = recipe_of(role, base_id, json.dumps(build_args), tree_digest(directory, *inputs))
+    if builder.cached(name, recipe):
+        builder.say(f"cached {name}: images/{role} unchanged")
+        return name
     with builder.step(f"{name} from images/{role}/Dockerfile"):
         bud(
             builder,
@@ -679,6 +768,9 @@ def workload_image(
             build_args=build_args,
             volumes=volumes,
         )
+    image = builder.image_id(name)
+    if image:
+        builder.remember(name, recipe, image)
     return name
 
 
@@ -750,7 +842,9 @@ def vendor_standins(builder: Builder, release: str) -> dict[str, str]:
     repo_deb = f"{repo_package}_{VENDOR_VERSION}_amd64.deb"
     distribution = f"tb_debian{release}"
     wheel = f"{distribution}-{VENDOR_VERSION}-cp311-cp311-linux_x86_64.whl"
-    recipe = recipe_of("vendor", release, STCC_STANDIN, (HERE / "build.py").read_bytes())
+    makers: list[Callable[..., object]] = [_vendor_build, _deb, _control, _packages_stanza, _wheel]
+    code = [inspect.getsource(maker) for maker in makers]
+    recipe = recipe_of("vendor", release, VENDOR_VERSION, STCC_STANDIN, *code)
     store = builder.cache / "vendor"
     stamp = store / "recipe"
     if not (stamp.exists() and stamp.read_text().strip() == recipe):
@@ -897,8 +991,8 @@ def _host_leaks(root: Path) -> list[str]:
     for directory in ("etc/xdg/pip", "root/.config/pip", "root/.pip"):
         if any(path.is_file() and path.stat().st_size for path in (root / directory).rglob("*")):
             leaks.append(f"pip settings in /{directory}")
-    host_bundle = Path("/etc/ssl/certs/ca-certificates.crt")
-    image_bundle = root / "etc/ssl/certs/ca-certificates.crt"
+    host_bundle = Path(SYSTEM_CA_BUNDLE)
+    image_bundle = root / SYSTEM_CA_BUNDLE.lstrip("/")
     if (
         host_bundle.is_file()
         and image_bundle.is_file()
@@ -944,6 +1038,18 @@ def smoke_problems(out_dir: Path, repo: Path = REPO) -> list[str]:
 # --------------------------------------------------------------------------
 
 
+@contextmanager
+def cache_lock(builder: Builder) -> Iterator[None]:
+    """One build at a time per cache: two would replace each other's images."""
+    with (builder.cache / "lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            builder.say(f"waiting for another build using {builder.cache}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build(repo: Path, out_dir: Path, cache: Path) -> list[Image]:
     out_dir.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
@@ -951,33 +1057,50 @@ def build(repo: Path, out_dir: Path, cache: Path) -> list[Image]:
     builder = Builder(repo, out_dir, cache)
     started = time.monotonic()
     ensure_packages(builder)
-    try:
-        python_base = dockerfile_arg_default(repo / "images/plugin/Dockerfile", "PYTHON_IMAGE")
-        debian_bases = {
-            dockerfile_arg_default(repo / f"images/{role}/Dockerfile", "BASE_IMAGE")
-            for role in ("pod-mapped", "pod-unmapped")
-        }
-        if len(debian_bases) != 1:
-            raise BuildError(f"workload Dockerfiles differ in BASE_IMAGE: {debian_bases}")
-        debian_base = qualified(debian_bases.pop())
-        python_standin(builder, qualified(python_base), debian_base)
-        pause_image(builder)
-        test_name = test_image_name(repo / "chart" / "stc-npu")
-        busybox_image(builder, test_name)
-        volumes = host_pip_settings(builder)
-        names = {"agent": agent_image(builder, volumes), "pause": PAUSE_IMAGE, "test": test_name}
-        names["pod-mapped"] = workload_image(builder, "pod-mapped", {}, [])
-        release = dockerfile_arg_default(repo / "images/pod-unmapped/Dockerfile", "DEBIAN_RELEASE")
-        vendor = vendor_standins(builder, release)
-        names["pod-unmapped"] = workload_image(
-            builder, "pod-unmapped", vendor, ["--volume", f"{cache / 'vendor'}:{VENDOR_MOUNT}:ro"]
-        )
-        with builder.step(f"docker-archive tarballs in {out_dir}"):
-            images = [builder.export(role, name) for role, name in names.items()]
-        write_manifest(out_dir, images)
-    finally:
-        builder.remove_retired()
+    with cache_lock(builder):
+        try:
+            images = build_all(builder)
+        finally:
+            builder.remove_retired()
     builder.say(f"all images built in {time.monotonic() - started:.1f} s: {out_dir / MANIFEST}")
+    return images
+
+
+def build_all(builder: Builder) -> list[Image]:
+    repo, cache = builder.repo, builder.cache
+    python_base = dockerfile_arg_default(repo / "images/plugin/Dockerfile", "PYTHON_IMAGE")
+    debian_bases = {
+        dockerfile_arg_default(repo / f"images/{role}/Dockerfile", "BASE_IMAGE")
+        for role in ("pod-mapped", "pod-unmapped")
+    }
+    if len(debian_bases) != 1:
+        raise BuildError(f"workload Dockerfiles differ in BASE_IMAGE: {sorted(debian_bases)}")
+    debian_base = qualified(debian_bases.pop())
+    removed = remove_stale_containers({qualified(python_base), debian_base})
+    if removed:
+        builder.say(f"removed working containers a killed build left: {' '.join(removed)}")
+    python_standin(builder, qualified(python_base), debian_base)
+    pause_image(builder)
+    test_name = test_image_name(repo / "chart" / "stc-npu")
+    busybox_image(builder, test_name)
+    volumes = host_pip_settings(builder)
+    names = {"agent": agent_image(builder, volumes), "pause": PAUSE_IMAGE, "test": test_name}
+    base_id = builder.image_id(debian_base) or ""
+    names["pod-mapped"] = workload_image(
+        builder, "pod-mapped", base_id=base_id, build_args={}, volumes=[]
+    )
+    release = dockerfile_arg_default(repo / "images/pod-unmapped/Dockerfile", "DEBIAN_RELEASE")
+    names["pod-unmapped"] = workload_image(
+        builder,
+        "pod-unmapped",
+        base_id=base_id,
+        build_args=vendor_standins(builder, release),
+        volumes=["--volume", f"{cache / 'vendor'}:{VENDOR_MOUNT}:ro"],
+        inputs=[cache / "vendor"],
+    )
+    with builder.step(f"docker-archive tarballs in {builder.out_dir}"):
+        images = [builder.export(role, name) for role, name in names.items()]
+    write_manifest(builder.out_dir, images)
     return images
 
 
@@ -986,6 +1109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="where the tarballs and images.txt go")
     parser.add_argument("--check", action="store_true", help="only smoke-check a finished build")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: working containers are removed, a running
+    # buildah is killed (subprocess.run does that when interrupted).
+    signal.signal(signal.SIGTERM, lambda signo, frame: sys.exit(128 + signo))
     if os.geteuid() != 0:
         print("build.py: must run as root (buildah, debootstrap, apt-get)", file=sys.stderr)
         return 2
