@@ -58,7 +58,9 @@ class E2E:
         """THE one place where the scenarios' helm values are set.
 
         The images' names are the chart's defaults (the image builder reads
-        them from the chart), so they need no value here.
+        them from the chart), so they need no value here. The simulated
+        sysfs of the NPUs is at ``self.npus.sys_dir``: a chart value that
+        points the agent at a sysfs root goes into this dict.
         """
         values = {
             "hpe.mode": hpe_mode,
