@@ -218,14 +218,6 @@ def _reap(pid: int) -> None:
         del _children[pid]
 
 
-def process_named(name: str) -> dict[str, Any] | None:
-    """The recorded, still running process ``name`` (the latest one)."""
-    for proc in reversed(load_state().get("processes", [])):
-        if proc["name"] == name and is_running(proc["pid"], proc["start"]):
-            return dict(proc)
-    return None
-
-
 def stop_named(name: str) -> None:
     for proc in list(load_state().get("processes", [])):
         if proc["name"] == name:
@@ -259,10 +251,6 @@ def run(
             f"{(result.stderr or result.stdout).strip()[-2000:]}"
         )
     return result
-
-
-def in_netns(argv: Sequence[str]) -> list[str]:
-    return ["nsenter", f"--net={NETNS_PATH}", "--", *argv]
 
 
 def wait_for(
@@ -576,7 +564,6 @@ class Cluster:
         self.pki = BASE / "pki"
         self.admin_kubeconfig = BASE / "admin.kubeconfig"
         self.kubelet_root = BASE / "kubelet"
-        self.kubelet_args: list[str] = []
 
     # -- clients --
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from ci.e2e.images import build
 
 REPO = Path(__file__).resolve().parents[2]
