@@ -21,6 +21,7 @@ import stat
 from pathlib import Path
 
 from ci.e2e.cluster import BASE, DEVICE_MAJOR, record, unrecord
+
 from stc_npu_agent.testing.simnode import SimNode
 
 SIM_ROOT = BASE / "simnode"

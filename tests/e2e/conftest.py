@@ -15,7 +15,6 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
-
 from ci.e2e import cluster, transcript
 from ci.e2e.cluster import Cluster
 from ci.e2e.npus import HostNpus, make_hpe_dir

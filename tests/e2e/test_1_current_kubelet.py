@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from ci.e2e import transcript
 from ci.e2e.cluster import CGROUP_FS, DEVICE_MAJOR, PLUGIN_DIR, E2EError, wait_for
 from ci.e2e.npus import HPE_DIR, HPE_MARKER
+
 from stc_npu_agent.agent import SOCKET_PREFIX
 from tests.e2e import kit
 from tests.e2e.conftest import CHART, E2E, NPU_COUNT, RELEASE, RELEASE_NAMESPACE, RESOURCE

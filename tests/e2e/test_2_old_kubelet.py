@@ -22,7 +22,6 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-
 from ci.e2e import cluster, transcript
 from ci.e2e.cluster import (
     BASE,
@@ -36,6 +35,7 @@ from ci.e2e.cluster import (
     wait_for,
     write,
 )
+
 from tests.e2e import kit
 from tests.e2e.conftest import E2E, NPU_COUNT, RESOURCE
 

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from ci.e2e import cluster
+
 from tests.e2e import kit
 
 V136_LINES = """\
