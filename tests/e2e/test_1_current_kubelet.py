@@ -235,7 +235,8 @@ def test_diagnose_in_the_agent_pod_reports_no_problem(e2e: E2E) -> None:
 def helm_test(e2e: E2E, helm: str, *extra: str) -> None:
     with transcript.step(f"{helm} test {' '.join(extra)}".strip()):
         result = e2e.cluster.helm(helm, "test", RELEASE, *ns_args(), *extra, check=False)
-        for line in (result.stdout + result.stderr).splitlines():
+        # The release's NOTES follow the test suite's lines: not repeated here.
+        for line in (result.stdout.split("NOTES:")[0] + result.stderr).splitlines():
             if line.strip():
                 transcript.say(f"  | {line}")
         assert result.returncode == 0, result.stderr
