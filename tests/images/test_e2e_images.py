@@ -58,7 +58,7 @@ def test_agent_image_with_a_digest_cannot_be_built_locally(chart: Path) -> None:
 def test_test_image_is_the_charts_test_image(chart: Path) -> None:
     edit_yaml(chart / "values.yaml", "test.image.repository", "registry.test/tools/box")
     edit_yaml(chart / "values.yaml", "test.image.tag", "2.0")
-    assert build.test_image_name(chart) == "registry.test/tools/box:2.0"
+    assert build.chart_test_image_name(chart) == "registry.test/tools/box:2.0"
 
 
 def test_a_missing_chart_value_is_named_with_its_file(chart: Path) -> None:
@@ -66,7 +66,7 @@ def test_a_missing_chart_value_is_named_with_its_file(chart: Path) -> None:
     del values["test"]["image"]["tag"]
     (chart / "values.yaml").write_text(yaml.safe_dump(values))
     with pytest.raises(build.BuildError, match=r"values\.yaml: no test\.image\.tag"):
-        build.test_image_name(chart)
+        build.chart_test_image_name(chart)
 
 
 POD = """\

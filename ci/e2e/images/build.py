@@ -194,7 +194,7 @@ def agent_image_name(chart: Path) -> str:
     return f"{_dig(values, 'image.repository', values_path)}:{tag}"
 
 
-def test_image_name(chart: Path) -> str:
+def chart_test_image_name(chart: Path) -> str:
     values_path = chart / "values.yaml"
     values = _load_yaml(values_path)
     repository = _dig(values, "test.image.repository", values_path)
@@ -349,7 +349,7 @@ class Builder:
         if result.returncode != 0:
             tail = "\n".join(log_path.read_text().splitlines()[-15:])
             raise BuildError(
-                f"{args[0]} failed (exit {result.returncode}), log {log_path}:\n{tail}"
+                f"{shlex.join(args[:2])} failed (exit {result.returncode}), log {log_path}:\n{tail}"
             )
         return result.stdout
 
@@ -369,14 +369,16 @@ class Builder:
             text=True,
             check=False,
         )
-        return result.stdout.strip() or None if result.returncode == 0 else None
+        if result.returncode != 0:
+            return None
+        return result.stdout.strip() or None
 
     def commit(self, container: str, name: str, log: str) -> str:
         old = self.image_id(name)
         self.run(["buildah", "commit", "--quiet", "--rm", container, name], log)
-        return self._replaced(name, old)
+        return self.replaced(name, old)
 
-    def _replaced(self, name: str, old: str | None) -> str:
+    def replaced(self, name: str, old: str | None) -> str:
         new = self.image_id(name)
         if new is None:
             raise BuildError(f"{name}: not in buildah's storage after the build")
@@ -539,7 +541,6 @@ rm -rf /var/lib/apt/lists/*
 rm -f /usr/lib/python3*/EXTERNALLY-MANAGED
 # Debian disables ensurepip for its system Python; pip installs itself from
 # the wheels python3-venv brings along (into /usr/local, Debian's scheme).
-ls /usr/share/python-wheels
 set -- /usr/share/python-wheels/pip-*.whl
 python3 "$1/pip" install --no-index --no-cache-dir "$1" /usr/share/python-wheels/setuptools-*.whl
 test -x /usr/local/bin/pip
@@ -702,7 +703,7 @@ def bud(
     for key, value in build_args.items():
         args += ["--build-arg", f"{key}={value}"]
     builder.run([*args, str(context)], log)
-    builder._replaced(name, old)
+    builder.replaced(name, old)
 
 
 def git_revision(repo: Path) -> str:
@@ -1081,7 +1082,7 @@ def build_all(builder: Builder) -> list[Image]:
         builder.say(f"removed working containers a killed build left: {' '.join(removed)}")
     python_standin(builder, qualified(python_base), debian_base)
     pause_image(builder)
-    test_name = test_image_name(repo / "chart" / "stc-npu")
+    test_name = chart_test_image_name(repo / "chart" / "stc-npu")
     busybox_image(builder, test_name)
     volumes = host_pip_settings(builder)
     names = {"agent": agent_image(builder, volumes), "pause": PAUSE_IMAGE, "test": test_name}
