@@ -1,4 +1,5 @@
 # Two commands matter: `make demo` and `make test`. Each sets itself up.
+# `make e2e` runs the chart and agent on a real single-node cluster (root).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -56,3 +57,9 @@ chart-package: tools
 	$(TOOLS)/helm3 lint --strict $(CHART_DIST)/stc-npu-*.tgz
 	$(TOOLS)/helm4 install stc-npu $(CHART_DIST)/stc-npu-*.tgz -n kube-system --dry-run=client >/dev/null
 	@echo "chart-package: $$(ls $(CHART_DIST)/stc-npu-*.tgz) installs (helm 4 --dry-run=client)"
+
+# A real single-node Kubernetes cluster (v1.36 and a standalone v1.23
+# kubelet) around the chart and the agent: docs/e2e.md. Root; sets itself up.
+.PHONY: e2e
+e2e: venv tools
+	$(PY) -m ci.e2e.run
