@@ -55,6 +55,12 @@ SCHEMA_ERRORS = [
     (["stcSetDevices=all"], r"stcSetDevices"),
     (["cdi.specDir=var/run/cdi"], r"cdi[./]specDir"),
     (["cdi.specdir=/var/run/cdi"], r"specdir"),
+    (["sharing.replicas=0"], r"sharing[./]replicas"),
+    (["sharing.replicas=101"], r"sharing[./]replicas"),
+    (["sharing.replicas=two"], r"sharing[./]replicas"),
+    (["sharing.renameShared=yes"], r"sharing[./]renameShared"),
+    (["sharing.failRequestsGreaterThanOne=1"], r"sharing[./]failRequestsGreaterThanOne"),
+    (["sharing.replica=2"], r"replica"),
 ]
 
 # templates/validate.yaml: combinations the schema cannot express.
@@ -83,6 +89,11 @@ TEMPLATE_ERRORS = [
     ),
     (["deviceListStrategy={cdi-cri}", "cdi.specDir=/host/dev/cdi"], r"cdi\.specDir: .*/host/dev"),
     (["deviceListStrategy={cdi-cri}", "cdi.specDir=/etc"], r"cdi\.specDir: .*/etc/stc-npu"),
+    (
+        # 57 characters + ".shared" is 64: the kubelet would refuse the name.
+        ["resourceName=example.com/" + "n" * 57, "sharing.replicas=2", "sharing.renameShared=true"],
+        r"sharing\.renameShared: the shared resource \"example\.com/n+\.shared\" is longer than 63",
+    ),
 ]
 
 

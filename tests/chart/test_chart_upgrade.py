@@ -79,3 +79,35 @@ def test_reuse_values_renders_the_defaults_of_new_keys(
     assert config["deviceListStrategy"] == ["device-specs"]
     assert config["stcSetDevices"] == "none"
     assert config["cdi"] == {"specDir": "/var/run/cdi"}
+    assert config["sharing"] == {
+        "replicas": 1,
+        "renameShared": False,
+        "failRequestsGreaterThanOne": False,
+    }
+    (test_pod,) = [doc for doc in docs if doc["kind"] == "Pod"]
+    assert "streamcomputing.com/npu" in test_pod["spec"]["containers"][0]["resources"]["limits"]
+
+
+@pytest.mark.parametrize("values_file", RELEASES, ids=[p.stem for p in RELEASES])
+def test_reuse_values_with_one_sharing_key_set(
+    helm: str, values_file: Path, tmp_path: Path
+) -> None:
+    # `--reuse-values --set sharing.replicas=4` on a release from before
+    # sharing: the section holds that key alone, and the others default.
+    chart = tmp_path / "stc-npu"
+    shutil.copytree(CHART, chart)
+    shutil.copy(values_file, chart / "values.yaml")
+    args = ["template", "stc-npu", str(chart), "--set", "sharing.replicas=4"]
+    result = run_helm(helm, [*args, "--set", "sharing.renameShared=true"])
+    assert result.returncode == 0, f"one sharing key refused:\n{result.stderr}"
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    (config_map,) = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    assert config["sharing"] == {
+        "replicas": 4,
+        "renameShared": True,
+        "failRequestsGreaterThanOne": False,
+    }
+    (test_pod,) = [doc for doc in docs if doc["kind"] == "Pod"]
+    limits = test_pod["spec"]["containers"][0]["resources"]["limits"]
+    assert "streamcomputing.com/npu.shared" in limits
