@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -112,8 +113,8 @@ def test_rename_shared_registers_the_shared_resource(
     assert status["npus"][1]["deviceIds"] == ["stc1::0", "stc1::1"]
 
 
-def checkpointed(kubelet_dir: Path) -> dict[str, object]:
-    data: dict[str, object] = json.loads((kubelet_dir / CHECKPOINT_FILE).read_text())["Data"]
+def checkpointed(kubelet_dir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((kubelet_dir / CHECKPOINT_FILE).read_text())["Data"]
     return data
 
 
@@ -152,7 +153,15 @@ def test_a_replicas_change_reregisters_and_keeps_old_assignments(
     # containers keep running with the nodes they were given.
     assert kubelet.assignments(RESOURCE) == held
     entries = checkpointed(kubelet_dir)["PodDeviceEntries"]
-    assert [tuple(e["DeviceIDs"]) for e in entries] == held  # type: ignore[attr-defined,index]
+    assert [tuple(e["DeviceIDs"]) for e in entries] == held
+    # ... and the checkpoint's device list is the new one.
+    kubelet.wait_until(
+        lambda: (
+            sorted(checkpointed(kubelet_dir)["RegisteredDevices"][RESOURCE])
+            == sorted(replica_list(after))
+        ),
+        what="the new list in the checkpoint",
+    )
     # An old ID that no longer exists is refused, saying why.
     with pytest.raises(grpc.RpcError) as refused:
         kubelet.allocate(RESOURCE, held[0])
