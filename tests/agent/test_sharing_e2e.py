@@ -44,7 +44,7 @@ def test_replicas_are_listed_and_allocate_gives_each_npu_once(
     expected = [f"/dev/stc{i}{suffix}" for i in (0, 2) for suffix in NPU_NODES]
     assert [spec.host_path for spec in response.devices] == expected
     assert dict(response.envs)["STC_NPU_DEVICES"] == "stc0,stc2"
-    assert "Allocate stc0::2,stc2::0,stc2::1: stc0,stc2, 12 device nodes" in agent.log()
+    assert "Allocate stc0::2,stc2::0,stc2::1: NPUs stc0,stc2, 12 device nodes" in agent.log()
     assert "sharing: each NPU is 3 devices of streamcomputing.com/npu" in agent.log()
 
     # Health of an NPU is the health of every replica of it.

@@ -227,9 +227,9 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
                     self.state.wake()
                 await context.abort(_GRPC_CODES[error.kind], error.message)
             log.info(
-                "Allocate %s: %s, %d device nodes%s%s",
+                "Allocate %s: %s%d device nodes%s%s",
                 ",".join(sorted(ids)),
-                ",".join(plan.npus),
+                f"NPUs {','.join(plan.npus)}, " if self.sharing.shared else "",
                 len(plan.devices),
                 ", HPE mounted read-only" if plan.mounts else "",
                 f", CDI {','.join(plan.cdi_devices)}" if plan.cdi_devices else "",
