@@ -27,6 +27,7 @@ CONFIG_KEYS = (
     "stcSetDevices",
     "cdi",
     "health",
+    "sharing",
 )
 
 

@@ -61,6 +61,25 @@ SCHEMA_ERRORS = [
     (["stcSetDevices=all"], r"stcSetDevices"),
     (["cdi.specDir=var/run/cdi"], r"cdi[./]specDir"),
     (["cdi.specdir=/var/run/cdi"], r"specdir"),
+    (["securityContext.privilegd=true"], r"privilegd"),
+    (["securityContext.seccompProfile.type=Bogus"], r"securityContext[./]seccompProfile[./]type"),
+    (["podSecurityContext.fsGroup=-1"], r"podSecurityContext[./]fsGroup"),
+    (["serviceAccount.nmae=x"], r"nmae"),
+    (["serviceAccount.create=yes"], r"serviceAccount[./]create"),
+    (["fullnameOverride=Bad_Name"], r"fullnameOverride"),
+    (["runtimeClassName=Bad_Name"], r"runtimeClassName"),
+    (["revisionHistoryLimit=-1"], r"revisionHistoryLimit"),
+    (["probes.liveness.periodSeconds=0"], r"probes[./]liveness[./]periodSeconds"),
+    (["probes.readiness.httpGet.path=/x"], r"httpGet"),
+    (["commonLabels.bad key=x"], r"bad key"),
+    (["extraVolumeMounts[0].name=ca"], r"mountPath"),
+    (["extraVolumes[0].configMap.name=ca"], r"name"),
+    (["sharing.replicas=0"], r"sharing[./]replicas"),
+    (["sharing.replicas=101"], r"sharing[./]replicas"),
+    (["sharing.replicas=two"], r"sharing[./]replicas"),
+    (["sharing.renameShared=yes"], r"sharing[./]renameShared"),
+    (["sharing.failRequestsGreaterThanOne=1"], r"sharing[./]failRequestsGreaterThanOne"),
+    (["sharing.replica=2"], r"replica"),
 ]
 
 # templates/validate.yaml: combinations the schema cannot express.
@@ -97,6 +116,13 @@ TEMPLATE_ERRORS = [
     ),
     (["deviceListStrategy={cdi-cri}", "cdi.specDir=/host/dev/cdi"], r"cdi\.specDir: .*/host/dev"),
     (["deviceListStrategy={cdi-cri}", "cdi.specDir=/etc"], r"cdi\.specDir: .*/etc/stc-npu"),
+    (["commonLabels.helm\\.sh/chart=x"], r"commonLabels\.helm\.sh/chart"),
+    (["commonLabels.team=a", "podLabels.team=b"], r"podLabels\.team: also set in commonLabels"),
+    (
+        # 57 characters + ".shared" is 64: the kubelet would refuse the name.
+        ["resourceName=example.com/" + "n" * 57, "sharing.replicas=2", "sharing.renameShared=true"],
+        r"sharing\.renameShared: the shared resource \"example\.com/n+\.shared\" is longer than 63",
+    ),
 ]
 
 
@@ -243,6 +269,8 @@ OPEN_KUBERNETES_OBJECTS = {
     "affinity.podAffinity",
     "affinity.podAntiAffinity",
     "extraEnv.*.valueFrom",
+    "extraVolumes",  # each item: a name and any volume source
+    "global",  # Helm's own: a parent chart's globals, which the chart ignores
 }
 
 

@@ -9,12 +9,15 @@ from here, so they cannot differ between templates.
 {{- end -}}
 
 {{/*
-Object names: the release name when it already contains the chart name (the
-documented `helm install stc-npu ...` gives plain "stc-npu"), otherwise
-<release>-stc-npu; at most 63 characters.
+Object names: fullnameOverride when set; else the release name when it
+already contains the chart name (the documented `helm install stc-npu ...`
+gives plain "stc-npu"), otherwise <release>-stc-npu; at most 63 characters.
+The selector does not use it (stc-npu.selectorLabels).
 */}}
 {{- define "stc-npu.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains .Chart.Name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
 {{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
@@ -35,13 +38,81 @@ app.kubernetes.io/name: {{ include "stc-npu.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
-{{- define "stc-npu.labels" -}}
+{{/* The chart's own labels of its objects (commonLabels cannot replace them). */}}
+{{- define "stc-npu.chartLabels" -}}
 {{ include "stc-npu.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/component: device-plugin
 app.kubernetes.io/part-of: stc-npu
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end -}}
+
+{{- define "stc-npu.labels" -}}
+{{ include "stc-npu.chartLabels" . }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Labels of the agent pods: only those that change when the pod must change.
+No helm.sh/chart and no app.kubernetes.io/version: a chart-only release, or a
+new appVersion with the image pinned by image.tag, must not restart every
+agent (the image and the config checksum already change the template when
+the pod must change).
+*/}}
+{{- define "stc-npu.podTemplateLabels" -}}
+{{ include "stc-npu.selectorLabels" . }}
+app.kubernetes.io/component: device-plugin
+app.kubernetes.io/part-of: stc-npu
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The agent pods' ServiceAccount. */}}
+{{- define "stc-npu.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "stc-npu.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Kubernetes before 1.19 has no seccompProfile field; its API server drops the
+field silently, so the profile is rendered as the alpha annotation instead.
+.Capabilities.KubeVersion is the cluster's version on install and upgrade,
+and --kube-version for `helm template` (Argo CD passes the destination's).
+*/}}
+{{- define "stc-npu.legacySeccomp" -}}
+{{- if semverCompare "<1.19.0-0" .Capabilities.KubeVersion.Version -}}true{{- end -}}
+{{- end -}}
+
+{{/* The alpha annotation's value for a seccompProfile ("" when none). */}}
+{{- define "stc-npu.seccompAnnotation" -}}
+{{- $profile := . | default dict -}}
+{{- if eq ($profile.type | default "") "RuntimeDefault" -}}runtime/default
+{{- else if eq ($profile.type | default "") "Unconfined" -}}unconfined
+{{- else if eq ($profile.type | default "") "Localhost" -}}localhost/{{ $profile.localhostProfile }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A securityContext (pod or container) as rendered: the values, without
+seccompProfile on clusters before 1.19 (see stc-npu.legacySeccomp).
+Argument: (dict "context" <map> "legacy" <bool string>).
+*/}}
+{{- define "stc-npu.securityContext" -}}
+{{- $context := deepCopy (.context | default dict) -}}
+{{- if .legacy -}}
+{{- $_ := unset $context "seccompProfile" -}}
+{{- end -}}
+{{- if $context -}}
+{{ toYaml $context }}
+{{- end -}}
 {{- end -}}
 
 {{/* An image reference from {repository, tag, digest}: the digest wins. */}}
@@ -74,11 +145,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 
 {{/*
 The agent's config file. Only resourceName, hpe, discovery,
-deviceListStrategy, stcSetDevices, cdi and health, written field by field in
-a fixed order (the agent's own order; health as sorted YAML), so the file and
-its checksum depend only on these values. The discovery lists and the later
-sections came after 0.1.0: an upgrade with --reuse-values has none, and the
-agent's defaults (the same as values.yaml's) apply.
+deviceListStrategy, stcSetDevices, cdi, health and sharing, written field by
+field in a fixed order (the agent's own order; health as sorted YAML), so the
+file and its checksum depend only on these values. The discovery lists and
+the later sections came after 0.1.0: an upgrade with --reuse-values has
+none, and the agent's defaults (the same as values.yaml's) apply.
 */}}
 {{- define "stc-npu.configFile" -}}
 resourceName: {{ .Values.resourceName | quote }}
@@ -105,10 +176,15 @@ cdi:
 health:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- $sharing := .Values.sharing | default dict }}
+sharing:
+  replicas: {{ include "stc-npu.replicas" . }}
+  renameShared: {{ dig "renameShared" false $sharing }}
+  failRequestsGreaterThanOne: {{ dig "failRequestsGreaterThanOne" false $sharing }}
 {{- end -}}
 
 {{/*
-deviceListStrategy and cdi.specDir with their defaults. Keys added after
+deviceListStrategy, cdi.specDir and sharing with their defaults. Keys added after
 0.1.0 may be absent: `helm upgrade --reuse-values` (helm 3) renders with the
 old release's values, not this chart's values.yaml.
 */}}
@@ -118,6 +194,24 @@ old release's values, not this chart's values.yaml.
 
 {{- define "stc-npu.cdiSpecDir" -}}
 {{- dig "specDir" "/var/run/cdi" (.Values.cdi | default dict) -}}
+{{- end -}}
+
+{{/* sharing.replicas, 1 when absent (releases before sharing, see above). */}}
+{{- define "stc-npu.replicas" -}}
+{{- dig "replicas" 1 (.Values.sharing | default dict) | int -}}
+{{- end -}}
+
+{{/*
+The resource the agent registers and pods request: resourceName, or
+<resourceName>.shared when sharing.renameShared renames shared NPUs (the
+agent's own rule, core/config.py advertised_resource).
+*/}}
+{{- define "stc-npu.advertisedResource" -}}
+{{- if and (gt (int (include "stc-npu.replicas" .)) 1) (dig "renameShared" false (.Values.sharing | default dict)) -}}
+{{- printf "%s.shared" .Values.resourceName -}}
+{{- else -}}
+{{- .Values.resourceName -}}
+{{- end -}}
 {{- end -}}
 
 {{/* "true" when Allocate answers CDI names: the agent then writes the spec. */}}
@@ -175,4 +269,7 @@ app.kubernetes.io/component: test
 app.kubernetes.io/part-of: stc-npu
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
