@@ -26,6 +26,19 @@ DEVICE_LIST_STRATEGIES: tuple[DeviceListStrategy, ...] = ("device-specs", "cdi-c
 StcSetDevices = Literal["none", "global", "local"]
 STC_SET_DEVICES_MODES: tuple[StcSetDevices, ...] = ("none", "global", "local")
 DEFAULT_CDI_SPEC_DIR = "/var/run/cdi"
+# How the NPUs are served: the device plugin API (a count of an extended
+# resource), or Dynamic Resource Allocation (claims, the kubelet's DRA API).
+Mode = Literal["device-plugin", "dra"]
+MODES: tuple[Mode, ...] = ("device-plugin", "dra")
+# How a device plugin becomes known to the kubelet: Register on kubelet.sock,
+# or a registration socket the kubelet's plugin watcher finds (DRA mode
+# always registers the second way).
+Registration = Literal["kubelet-socket", "plugin-watcher"]
+REGISTRATIONS: tuple[Registration, ...] = ("kubelet-socket", "plugin-watcher")
+DEFAULT_PLUGIN_REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
+DRA_DRIVER_NAME = "npu.streamcomputing.com"
+# The kubelet's per-driver dir for a DRA driver's own files (the checkpoint).
+DEFAULT_DRA_STATE_DIR = f"/var/lib/kubelet/plugins/{DRA_DRIVER_NAME}"
 
 DEFAULT_RESOURCE_NAME = "streamcomputing.com/npu"
 DEFAULT_HPE_PATH = "/usr/local/hpe"
@@ -75,7 +88,18 @@ class CdiConfig:
 
 
 @dataclass(frozen=True)
+class DraConfig:
+    # Where the DRA driver keeps its checkpoint of prepared claims: a host
+    # dir that outlives the agent's container.
+    state_dir: str = DEFAULT_DRA_STATE_DIR
+
+
+@dataclass(frozen=True)
 class Config:
+    mode: Mode = "device-plugin"
+    registration: Registration = "kubelet-socket"
+    plugin_registry_dir: str = DEFAULT_PLUGIN_REGISTRY_DIR
+    dra: DraConfig = field(default_factory=DraConfig)
     resource_name: str = DEFAULT_RESOURCE_NAME
     hpe: HpeConfig = field(default_factory=HpeConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
@@ -85,12 +109,17 @@ class Config:
 
     @property
     def uses_cdi(self) -> bool:
-        """Allocate answers CDI device names, so the spec must be written."""
-        return "cdi-cri" in self.device_list_strategy
+        """Devices are handed out by CDI name, so the spec must be written:
+        Allocate with cdi-cri, and every NodePrepareResources answer in DRA mode."""
+        return self.mode == "dra" or "cdi-cri" in self.device_list_strategy
 
     def to_mapping(self) -> dict[str, Any]:
         """The effective config in the file's own shape (for the start-up log)."""
         return {
+            "mode": self.mode,
+            "registration": self.registration,
+            "pluginRegistryDir": self.plugin_registry_dir,
+            "dra": {"stateDir": self.dra.state_dir},
             "resourceName": self.resource_name,
             "hpe": {
                 "mode": self.hpe.mode,
@@ -208,6 +237,17 @@ def _device_list_strategy(key: str, value: object) -> tuple[str, ...]:
     if repeated:
         raise ConfigError(f"{key}: {', '.join(repeated)} listed more than once")
     return tuple(value)
+
+
+def _one_of(choices: tuple[str, ...]) -> Validator:
+    def validate(key: str, value: object) -> str:
+        if value not in choices:
+            raise ConfigError(
+                f"{key}: expected one of {', '.join(choices)}, got {_describe(value)}"
+            )
+        return str(value)
+
+    return validate
 
 
 def _stc_set_devices(key: str, value: object) -> str:
@@ -385,8 +425,14 @@ _SECTIONS: dict[str, dict[str, tuple[Validator, str]]] = {
     "cdi": {
         "specDir": (_absolute_path, "spec_dir"),
     },
+    "dra": {
+        "stateDir": (_absolute_path, "state_dir"),
+    },
 }
 _TOP_LEVEL: dict[str, tuple[Validator, str]] = {
+    "mode": (_one_of(MODES), "mode"),
+    "registration": (_one_of(REGISTRATIONS), "registration"),
+    "pluginRegistryDir": (_absolute_path, "plugin_registry_dir"),
     "resourceName": (_resource_name, "resource_name"),
     "deviceListStrategy": (_device_list_strategy, "device_list_strategy"),
     "stcSetDevices": (_stc_set_devices, "stc_set_devices"),
@@ -433,14 +479,31 @@ def parse_config(raw: object) -> Config:
     )
     _check_required_members(discovery)
     cdi = CdiConfig(**_section_values("cdi", raw.get("cdi"), _SECTIONS["cdi"]))  # type: ignore[arg-type]
-    config = Config(hpe=hpe, discovery=discovery, cdi=cdi, **top)  # type: ignore[arg-type]
-    _check_combination(config)
+    dra = DraConfig(**_section_values("dra", raw.get("dra"), _SECTIONS["dra"]))  # type: ignore[arg-type]
+    if top.get("mode") == "dra":
+        # The effective value (for the log and a round trip): DRA plugins
+        # have no other way to register.
+        top.setdefault("registration", "plugin-watcher")
+    config = Config(hpe=hpe, discovery=discovery, cdi=cdi, dra=dra, **top)  # type: ignore[arg-type]
+    _check_combination(config, raw)
     return config
 
 
-def _check_combination(config: Config) -> None:
+def _check_combination(config: Config, raw: Mapping[Any, Any]) -> None:
     """Rules across keys: each value alone was valid."""
-    if config.uses_cdi:
+    if config.mode == "dra" and raw.get("registration") == "kubelet-socket":
+        raise ConfigError(
+            "registration: kubelet-socket is for mode device-plugin; mode dra always "
+            "registers through the kubelet's plugin watcher (leave registration unset)"
+        )
+    if config.mode == "dra":
+        problem = cdi_kind_problem(config.resource_name)
+        if problem:
+            raise ConfigError(
+                f"mode: dra names devices by the CDI kind {config.resource_name!r} "
+                f"(the resourceName), which CDI refuses: {problem}"
+            )
+    elif config.uses_cdi:
         problem = cdi_kind_problem(config.resource_name)
         if problem:
             raise ConfigError(
