@@ -12,6 +12,12 @@ ListAndWatch stream. Every trigger sets one event, so a burst of them gives
 one re-registration. Failures back off (50 ms doubling to 5 s), and a new
 ``kubelet.sock`` cuts the wait short. A 1 s tick is the safety net for all
 file system signals, and the only source when inotify cannot be had.
+
+What an instance serves and how it registers come from the mode
+(``modes.py``): with the plugin watcher (``registration.py``) the kubelet
+finds the instance itself, so only the deletion of its socket calls for a
+new one, and the kubelet's NotifyRegistrationStatus says when it is
+registered.
 """
 
 from __future__ import annotations
@@ -31,25 +37,20 @@ from pathlib import Path
 
 import grpc
 
+from stc_npu_agent.claims import ClaimSource
 from stc_npu_agent.core.allocation import Delivery
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import DeviceRules, HealthCheck
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
-from stc_npu_agent.plugin import (
-    PLUGIN_OPTIONS,
-    DevicePluginService,
-    StreamTracker,
-    allocation_document,
-)
-from stc_npu_agent.sinks import SinkSet, sinks_for
+from stc_npu_agent.modes import Services, plan_for
+from stc_npu_agent.plugin import StreamTracker, allocation_document
+from stc_npu_agent.registration import KUBELET_SOCKET, RegisterCall, Registrar
+from stc_npu_agent.sinks import SinkSet
 from stc_npu_agent.state import DeviceState
-from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 from stc_npu_agent.watch import DirectoryWatcher
 
 log = logging.getLogger(__name__)
 
-API_VERSION = "v1beta1"
-KUBELET_SOCKET = "kubelet.sock"
 SOCKET_PREFIX = "stc-npu."
 SOCKET_SUFFIX = ".sock"
 
@@ -58,9 +59,6 @@ TICK_SECONDS = 1.0
 RESYNC_TICKS = 10
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0
-# 1.26+ kubelets dial the plugin for up to 10 s inside Register.
-REGISTER_TIMEOUT = 15.0
-SELF_CHECK_TIMEOUT = 5.0
 # Old kubelets only log a failed dial: without a stream by then, start over.
 STREAM_DEADLINE = 10.0
 STOP_GRACE = 0.5
@@ -101,19 +99,23 @@ class PluginInstance:
     """One gRPC server on one uniquely named socket, for one registration."""
 
     def __init__(
-        self, kubelet_dir: Path, state: DeviceState, config: Config, on_lost: Callable[[], None]
+        self,
+        registrar: Registrar,
+        services: Services,
+        state: DeviceState,
+        on_lost: Callable[[], None],
     ) -> None:
         # Unique to this instance (the upstream sample uses dp.<unix time>);
         # hex keeps it short: a unix socket path has at most 107 bytes.
         self.name = f"{SOCKET_PREFIX}{time.time_ns():x}{SOCKET_SUFFIX}"
-        self.path = kubelet_dir / self.name
+        self.path = registrar.socket_dir / self.name
+        self.bind_path = registrar.bind_path(self.path)
         self.streams = StreamTracker(on_lost)
         self._state = state
+        self._services = services
         self._server = grpc.aio.server()
-        api_pb2_grpc.add_DevicePluginServicer_to_server(
-            DevicePluginService(state, config.hpe, self.streams, Delivery.from_config(config)),
-            self._server,
-        )
+        services.add_to(self._server, self.streams)
+        registrar.add_services(self._server, self.path)
         self.registered_at = 0.0
 
     async def start(self) -> None:
@@ -123,7 +125,7 @@ class PluginInstance:
                 "for unix sockets: use a shorter --kubelet-dir"
             )
         try:
-            self._server.add_insecure_port(f"unix:{self.path}")
+            self._server.add_insecure_port(f"unix:{self.bind_path}")
         except RuntimeError:
             # grpc only says "Failed to bind" (the errno goes to its own log):
             # name the cause an operator can fix.
@@ -132,21 +134,19 @@ class PluginInstance:
             ) from None
         await self._server.start()
         # Only the kubelet (root) needs the socket.
-        os.chmod(self.path, 0o600)
+        os.chmod(self.bind_path, 0o600)
         # Prove it answers before telling the kubelet about it.
-        async with grpc.aio.insecure_channel(f"unix:{self.path}") as channel:
-            options = await api_pb2_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
-                api_pb2.Empty(), timeout=SELF_CHECK_TIMEOUT
-            )
-        if options != PLUGIN_OPTIONS:
-            raise RuntimeError(f"own socket answered unexpected options: {options}")
+        async with grpc.aio.insecure_channel(f"unix:{self.bind_path}") as channel:
+            await self._services.self_check(channel)
 
     async def close(self) -> None:
         self.streams.closing = True
         self._state.wake()  # streams waiting for a change see the close now
+        # Gone from the kubelet's view before the server stops answering.
+        for path in {self.path, self.bind_path}:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         await self._server.stop(STOP_GRACE)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
 
 
 class Agent:
@@ -157,6 +157,9 @@ class Agent:
         sys_dir: str | Path,
         config: Config,
         checks: Sequence[HealthCheck] = (),
+        *,
+        node_name: str = "",
+        claims: ClaimSource | None = None,
     ) -> None:
         self.kubelet_dir = Path(kubelet_dir)
         self.kubelet_socket = self.kubelet_dir / KUBELET_SOCKET
@@ -169,8 +172,20 @@ class Agent:
         # they can be made here, before run() starts the loop; the probes
         # may read the state from their thread before that.
         self.state = DeviceState(self.scanner, self.checks)
-        # Side effects that follow the inventory (the CDI spec, ...).
-        self.sinks = SinkSet(sinks_for(config, self._other_agent_serving))
+        # The mode's registration strategy, instance services and sinks (the
+        # side effects that follow the inventory: the CDI spec, ...).
+        plan = plan_for(
+            config,
+            self.state,
+            kubelet_dir=self.kubelet_dir,
+            node_name=node_name or socket.gethostname(),
+            claims=claims,
+            on_status=self._on_registration_status,
+            other_agent_serving=self._other_agent_serving,
+        )
+        self.registrar = plan.registrar
+        self.services = plan.services
+        self.sinks = SinkSet(plan.sinks)
         self.watcher: DirectoryWatcher  # needs the loop: made in run()
         self.instance: PluginInstance | None = None
         self.registered = False
@@ -195,6 +210,8 @@ class Agent:
         """The agent's view, including NPUs that vanished since it saw them."""
         instance = self.instance
         return {
+            "mode": self.config.mode,
+            "registration": self.registrar.name,
             "registered": self.registered,
             "ready": self.ready,
             "registrations": self.registrations,
@@ -264,9 +281,13 @@ class Agent:
         if kubelet is not None and kubelet != self._seen_kubelet:
             self._kubelet_changed.set()
         self._seen_kubelet = kubelet
-        if not self.registered or self.instance is None:
+        if self.instance is None or not (self.registered or self.registrar.kubelet_finds_us):
             return
-        if kubelet is None:
+        if self.registrar.kubelet_finds_us:
+            # The kubelet finds the instance by its socket: nothing else counts.
+            if not self.instance.path.exists():
+                self.request_reregister(f"own socket {self.instance.name} was deleted")
+        elif kubelet is None:
             self.request_reregister(f"{KUBELET_SOCKET} was removed (kubelet stopped)")
         elif kubelet != self._registered_kubelet:
             self.request_reregister(f"{KUBELET_SOCKET} was re-created (kubelet restart)")
@@ -274,7 +295,30 @@ class Agent:
             self.request_reregister(f"own socket {self.instance.name} was deleted")
 
     def _on_stream_lost(self) -> None:
+        if self.registrar.kubelet_finds_us:
+            # A kubelet restart: the new kubelet finds the same socket.
+            log.info("the kubelet ended our stream: waiting for it to register us again")
+            self.registered = False
+            return
         self.request_reregister("the kubelet ended the ListAndWatch stream")
+
+    def _on_registration_status(self, registered: bool, error: str) -> None:
+        """NotifyRegistrationStatus from the kubelet's plugin watcher."""
+        instance = self.instance
+        if not registered:
+            self.registered = False
+            log.warning("the kubelet refused the registration: %s", error or "no reason given")
+            return
+        self.registered = True
+        self.registrations += 1
+        if instance is not None:
+            instance.registered_at = time.monotonic()
+        log.info(
+            "the kubelet registered %s (%s) as %s",
+            self.config.resource_name,
+            self.registrar.name,
+            instance.name if instance is not None else "?",
+        )
 
     # --- the loop ---
 
@@ -289,6 +333,8 @@ class Agent:
         self.watcher = DirectoryWatcher(loop)
         self.watcher.add(self.scanner.dev_dir, self._on_dev_dir_event)
         self.watcher.add(self.kubelet_dir, self._on_kubelet_dir_event)
+        if self.registrar.socket_dir != self.kubelet_dir:
+            self.watcher.add(self.registrar.socket_dir, self._on_kubelet_dir_event)
         ticker = asyncio.create_task(self._tick())
         follower = asyncio.create_task(self.sinks.follow(self.state, TICK_SECONDS))
         try:
@@ -326,7 +372,7 @@ class Agent:
     async def _lifecycle(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            if not await self._wait_for_kubelet():
+            if not self.registrar.kubelet_finds_us and not await self._wait_for_kubelet():
                 return
             if await self._register():
                 failures = 0
@@ -367,27 +413,26 @@ class Agent:
         if old is not None:
             await old.close()
         self._remove_stale_sockets()
-        instance = PluginInstance(self.kubelet_dir, self.state, self.config, self._on_stream_lost)
+        instance = PluginInstance(self.registrar, self.services, self.state, self._on_stream_lost)
         kubelet = socket_identity(self.kubelet_socket)
+
+        async def await_answer(call: RegisterCall) -> None:
+            await self._await_register(call, kubelet)
+
         try:
             await instance.start()
-            async with grpc.aio.insecure_channel(f"unix:{self.kubelet_socket}") as channel:
-                call = api_pb2_grpc.RegistrationStub(channel).Register(
-                    api_pb2.RegisterRequest(
-                        version=API_VERSION,
-                        endpoint=instance.name,
-                        resource_name=self.config.resource_name,
-                        options=PLUGIN_OPTIONS,
-                    ),
-                    timeout=REGISTER_TIMEOUT,
-                )
-                await self._await_register(call, kubelet)
+            if self.registrar.kubelet_finds_us:
+                self.instance = instance  # the kubelet may call in at once
+            await self.registrar.register(instance.path, await_answer)
         except (grpc.RpcError, OSError, RuntimeError) as error:
             log.warning("registration failed: %s", _describe_error(error))
+            self.instance = None
             await instance.close()
             return False
         self.instance = instance
         self._registered_kubelet = kubelet
+        if self.registrar.kubelet_finds_us:
+            return True  # registered once the kubelet's NotifyRegistrationStatus says so
         self.registered = True
         self.registrations += 1
         instance.registered_at = time.monotonic()
@@ -402,11 +447,7 @@ class Agent:
         self._check_sockets()
         return True
 
-    async def _await_register(
-        self,
-        call: grpc.aio.UnaryUnaryCall[api_pb2.RegisterRequest, api_pb2.Empty],
-        kubelet: tuple[int, int] | None,
-    ) -> None:
+    async def _await_register(self, call: RegisterCall, kubelet: tuple[int, int] | None) -> None:
         """Wait for Register, but give it up when a new kubelet.sock appears
         or the agent stops. A wedged kubelet, or a 1.26+ kubelet that started
         meanwhile (and deleted our socket) and now dials it for 10 s, would
@@ -445,11 +486,12 @@ class Agent:
         overlap): it is left alone, never fought over.
         """
         try:
-            entries = list(os.scandir(self.kubelet_dir))
+            entries = list(os.scandir(self.registrar.socket_dir))
         except OSError:
             return
         for entry in entries:
-            if entry.name.startswith(SOCKET_PREFIX) and entry.name.endswith(SOCKET_SUFFIX):
+            name = entry.name.removeprefix(".")  # a plugin-watcher socket not yet published
+            if name.startswith(SOCKET_PREFIX) and name.endswith(SOCKET_SUFFIX):
                 path = Path(entry.path)
                 if unix_socket_state(path) in ("refuses", "missing"):
                     with contextlib.suppress(FileNotFoundError):
@@ -459,15 +501,16 @@ class Agent:
     def _other_agent_serving(self) -> bool:
         """Whether a socket of ours other than this agent's answers in the kubelet dir."""
         own = self.instance.name if self.instance is not None else None
+        directory = self.registrar.socket_dir
         try:
-            names = [entry.name for entry in os.scandir(self.kubelet_dir)]
+            names = [entry.name for entry in os.scandir(directory)]
         except OSError:
             return False
         return any(
             name != own
             and name.startswith(SOCKET_PREFIX)
             and name.endswith(SOCKET_SUFFIX)
-            and unix_socket_state(self.kubelet_dir / name) == "answers"
+            and unix_socket_state(directory / name) == "answers"
             for name in names
         )
 
@@ -485,6 +528,7 @@ class Agent:
             instance = self.instance
             if (
                 self.registered
+                and not self.registrar.kubelet_finds_us
                 and instance is not None
                 and instance.streams.opened_total == 0
                 and time.monotonic() - instance.registered_at > STREAM_DEADLINE
@@ -517,9 +561,10 @@ def run(
     config: Config,
     probe_address: str | None = None,
     hpe_dir: str | None = None,
+    node_name: str = "",
 ) -> int:
     """Run the agent until SIGTERM/SIGINT; 0 on a clean stop."""
-    agent = Agent(kubelet_dir, dev_dir, sys_dir, config)
+    agent = Agent(kubelet_dir, dev_dir, sys_dir, config, node_name=node_name)
     log.info(
         "stc-npu-agent starting: kubelet dir %s, dev dir %s, sys dir %s",
         kubelet_dir,

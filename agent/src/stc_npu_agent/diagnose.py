@@ -24,13 +24,14 @@ from typing import Any
 import grpc
 
 from stc_npu_agent import __version__
-from stc_npu_agent.agent import KUBELET_SOCKET, SOCKET_PREFIX, unix_socket_state
+from stc_npu_agent.agent import SOCKET_PREFIX, unix_socket_state
 from stc_npu_agent.core.allocation import Delivery, spec_file_name
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import DeviceRules, Inventory, PciInfo
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
 from stc_npu_agent.plugin import allocation_document
 from stc_npu_agent.probes import parse_address
+from stc_npu_agent.registration import KUBELET_SOCKET
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 
 STC_PCI_VENDOR = "0x23e2"
