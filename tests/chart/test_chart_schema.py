@@ -55,6 +55,9 @@ SCHEMA_ERRORS = [
     (["stcSetDevices=all"], r"stcSetDevices"),
     (["cdi.specDir=var/run/cdi"], r"cdi[./]specDir"),
     (["cdi.specdir=/var/run/cdi"], r"specdir"),
+    (["mode=dynamic"], r"mode"),
+    (["registration=watcher"], r"registration"),
+    (["pluginRegistryDir=plugins_registry"], r"pluginRegistryDir"),
 ]
 
 # templates/validate.yaml: combinations the schema cannot express.
@@ -83,6 +86,13 @@ TEMPLATE_ERRORS = [
     ),
     (["deviceListStrategy={cdi-cri}", "cdi.specDir=/host/dev/cdi"], r"cdi\.specDir: .*/host/dev"),
     (["deviceListStrategy={cdi-cri}", "cdi.specDir=/etc"], r"cdi\.specDir: .*/etc/stc-npu"),
+    (["mode=dra", "resourceName=3com.example/npu"], r"mode: dra uses resourceName .* CDI kind"),
+    (
+        ["registration=plugin-watcher", "pluginRegistryDir=/var/lib/kubelet/device-plugins/r"],
+        r"pluginRegistryDir: .* overlaps \"/var/lib/kubelet/device-plugins\"",
+    ),
+    (["mode=dra", "cdi.specDir=/var/lib/kubelet/plugins_registry"], r"pluginRegistryDir: .*"),
+    (["extraEnv.STC_NPU_NODE_NAME=n"], r"extraEnv\.STC_NPU_NODE_NAME: "),
 ]
 
 

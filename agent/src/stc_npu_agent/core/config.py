@@ -116,10 +116,6 @@ class Config:
     def to_mapping(self) -> dict[str, Any]:
         """The effective config in the file's own shape (for the start-up log)."""
         return {
-            "mode": self.mode,
-            "registration": self.registration,
-            "pluginRegistryDir": self.plugin_registry_dir,
-            "dra": {"stateDir": self.dra.state_dir},
             "resourceName": self.resource_name,
             "hpe": {
                 "mode": self.hpe.mode,
@@ -136,6 +132,10 @@ class Config:
             "deviceListStrategy": list(self.device_list_strategy),
             "stcSetDevices": self.stc_set_devices,
             "cdi": {"specDir": self.cdi.spec_dir},
+            "mode": self.mode,
+            "registration": self.registration,
+            "pluginRegistryDir": self.plugin_registry_dir,
+            "dra": {"stateDir": self.dra.state_dir},
         }
 
 
