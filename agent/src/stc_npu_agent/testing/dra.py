@@ -153,10 +153,7 @@ class DraKubeletEmulator:
         """Device name -> (health, message), health as the enum's name
         (HEALTHY, UNHEALTHY, UNKNOWN), from the latest message."""
         with self._cond:
-            return {
-                device: status
-                for (_, device), status in self._health.get(driver, {}).items()
-            }
+            return {device: status for (_, device), status in self._health.get(driver, {}).items()}
 
     def health_pools(self, driver: str) -> set[str]:
         with self._cond:
