@@ -89,6 +89,7 @@ class Plan:
     storm_ops: int
     burst_adds: int
     import_runs: int
+    reregistrations: int
 
 
 FULL = Plan(
@@ -110,6 +111,7 @@ FULL = Plan(
     storm_ops=1000,
     burst_adds=3,
     import_runs=10,
+    reregistrations=50,
 )
 QUICK = Plan(
     quick=True,
@@ -130,6 +132,7 @@ QUICK = Plan(
     storm_ops=100,
     burst_adds=1,
     import_runs=2,
+    reregistrations=3,
 )
 
 
@@ -437,8 +440,8 @@ class Bench:
         self.agents: list[AgentProcess] = []
         self.kubelets: list[KubeletEmulator] = []
 
-    def kubelet(self, name: str) -> KubeletEmulator:
-        emulator = KubeletEmulator(self.root / name, version="1.32")
+    def kubelet(self, name: str, registry: Path | None = None) -> KubeletEmulator:
+        emulator = KubeletEmulator(self.root / name, version="1.32", plugin_registry_dir=registry)
         emulator.start()
         self.kubelets.append(emulator)
         return emulator
@@ -596,6 +599,42 @@ class Bench:
             )
         )
         self.add(Result("restart_to_list_ms", "kubelet restart -> first device list", "ms", listed))
+
+    def registration_modes(self) -> None:
+        """kubelet restart -> first device list of the new registration, with
+        each registration strategy, on the same kind of 8-NPU node."""
+        for mode in ("kubelet-socket", "plugin-watcher"):
+            key = mode.replace("-", "_")
+            node = SimNode(self.root / f"node-{key}")
+            for index in range(MAIN_NPUS):
+                node.add_npu(index, numa_node=index // 4)
+            registry = self.root / f"registry-{key}"
+            kubelet = self.kubelet(f"kubelet-{key}", registry)
+            config = self.root / f"config-{key}.yaml"
+            config.write_text(f"registration: {mode}\npluginRegistryDir: {registry}\n")
+            self.agent(kubelet, node, extra_args=["--config", str(config)])
+            kubelet.wait_registered(RESOURCE, timeout=WAIT)
+            samples, new_sockets = [], 0
+            for _ in range(self.plan.reregistrations):
+                time.sleep(0.05)  # the agent's post-registration work settles
+                count = len(kubelet.registrations)
+                endpoint = kubelet.registrations[-1].endpoint
+                kubelet.stop()
+                before = time.monotonic()
+                kubelet.start()
+                registration = kubelet.wait_registered(RESOURCE, after=count, timeout=WAIT)
+                listed = first_update(kubelet, registration.received_at, lambda _: True)
+                samples.append((listed - before) * 1000)
+                new_sockets += registration.endpoint != endpoint
+            self.add(
+                Result(
+                    f"reregister_{key}_ms",
+                    f"kubelet restart -> first device list, registration {mode}",
+                    "ms",
+                    samples,
+                    extra={"new_plugin_sockets": new_sockets},
+                )
+            )
 
     def socket_deleted(self, kubelet: KubeletEmulator) -> None:
         samples = []
@@ -1392,7 +1431,7 @@ def probe_flood(bench: Bench, plan: ExposurePlan) -> None:
 
 
 MAX_ROTATE = MAIN_NPUS
-PHASES = ("main", "quiet", "cold", "plug", "scale", "devnoise", "probeflood")
+PHASES = ("main", "quiet", "cold", "plug", "scale", "devnoise", "probeflood", "registration")
 
 
 def list_size(devices: Mapping[str, Device]) -> int:
@@ -1453,6 +1492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scale": bench.scale,
             "devnoise": lambda: dev_noise(bench, exposure),
             "probeflood": lambda: probe_flood(bench, exposure),
+            "registration": bench.registration_modes,
         }
         for phase in phases:
             print(f"[{phase}]", flush=True)
