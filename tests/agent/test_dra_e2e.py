@@ -326,3 +326,17 @@ def test_without_a_claim_source_every_claim_says_so(host: Path, node: SimNode) -
             assert "no Kubernetes API client is configured" in answer.claims["uid-c"].error
 
     run_agent(agent, scenario)
+
+
+def test_ready_once_registered_even_without_a_health_stream(host: Path, node: SimNode) -> None:
+    # A kubelet with the ResourceHealthStatus gate off never opens the stream.
+    kubelet = DraKubeletEmulator(host / "plugins_registry", health_package=None)
+
+    async def scenario(agent: Agent) -> None:
+        with kubelet:
+            await asyncio.to_thread(kubelet.wait_registered, DRIVER)
+            await asyncio.to_thread(kubelet.wait_until, lambda: agent.ready, what="agent ready")
+            assert agent.instance is not None
+            assert agent.instance.streams.open_streams == 0
+
+    run_agent(dra_agent(host, node, FakeClaimSource()), scenario)

@@ -204,7 +204,9 @@ class Agent:
     @property
     def ready(self) -> bool:
         instance = self.instance
-        return self.registered and instance is not None and instance.streams.open_streams > 0
+        if not self.registered or instance is None:
+            return False
+        return instance.streams.open_streams > 0 or not self.services.ready_needs_stream
 
     def status(self) -> dict[str, object]:
         """The agent's view, including NPUs that vanished since it saw them."""
@@ -296,9 +298,9 @@ class Agent:
 
     def _on_stream_lost(self) -> None:
         if self.registrar.kubelet_finds_us:
-            # A kubelet restart: the new kubelet finds the same socket.
+            # A kubelet restart: the new kubelet finds the same socket and
+            # opens a new stream (until then not Ready: no stream is open).
             log.info("the kubelet ended our stream: waiting for it to register us again")
-            self.registered = False
             return
         self.request_reregister("the kubelet ended the ListAndWatch stream")
 

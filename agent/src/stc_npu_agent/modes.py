@@ -38,6 +38,11 @@ SELF_CHECK_TIMEOUT = 5.0
 
 
 class Services(Protocol):
+    # Ready only while the kubelet holds a stream open: ListAndWatch carries
+    # the devices; DRA's health stream is optional (a feature gate), so a
+    # registered DRA plugin is ready without it.
+    ready_needs_stream: bool
+
     def add_to(self, server: grpc.aio.Server, streams: StreamTracker) -> None:
         """Add the plugin's own services to an instance's server."""
 
@@ -46,6 +51,8 @@ class Services(Protocol):
 
 
 class DevicePluginServices:
+    ready_needs_stream = True
+
     def __init__(self, state: DeviceState, config: Config) -> None:
         self.state = state
         self.config = config
@@ -67,6 +74,8 @@ class DevicePluginServices:
 
 
 class DraServices:
+    ready_needs_stream = False
+
     def __init__(
         self, state: DeviceState, config: Config, claims: ClaimSource, node_name: str
     ) -> None:

@@ -11,8 +11,9 @@ What is emulated (the kubelet's ``pkg/kubelet/cm/dra`` as of 1.34-1.36):
   fails. The kubelet dials the endpoint, answers
   ``NotifyRegistrationStatus``, and at once opens the health stream
   (``NodeWatchResources`` of ``health_package``: v1alpha1 in 1.34/1.35,
-  newer packages later), consumed in a thread; every message replaces the
-  health of the driver's devices (``health()``, history in
+  newer packages later; None: a kubelet with the ResourceHealthStatus gate
+  off, which never opens it), consumed in a thread; every message replaces
+  the health of the driver's devices (``health()``, history in
   ``health_updates``).
 * ``prepare`` / ``unprepare``: one call with the given claims over the
   chosen version's path, the answer returned as is (per-claim errors
@@ -77,7 +78,7 @@ class DraKubeletEmulator:
         registry_dir: Path,
         *,
         services: Sequence[str] = tuple(SERVICES),
-        health_package: str = "v1alpha1",
+        health_package: str | None = "v1alpha1",
     ) -> None:
         self.registry_dir = Path(registry_dir).absolute()
         self.services = tuple(services)
@@ -134,14 +135,14 @@ class DraKubeletEmulator:
         self, driver: str, *, after: int = 0, timeout: float = 10.0
     ) -> DraRegistration:
         """The latest accepted registration of ``driver`` (index >= ``after``)
-        whose health stream delivered its first message."""
+        whose health stream (if the kubelet opens one) delivered its first message."""
         found: list[DraRegistration] = []
 
         def ready() -> bool:
             current = self._drivers.get(driver)
             if current is None or current.registration.index < after:
                 return False
-            if driver not in self._health:
+            if self.health_package is not None and driver not in self._health:
                 return False
             found.append(current.registration)
             return True
@@ -276,6 +277,8 @@ class DraKubeletEmulator:
         return True
 
     def _watch_health(self, driver: _Driver) -> None:
+        if self.health_package is None:
+            return
         stream = driver.channel.unary_stream(
             f"/{self.health_package}.DRAResourceHealth/NodeWatchResources",
             request_serializer=health_pb2.NodeWatchResourcesRequest.SerializeToString,
