@@ -51,10 +51,11 @@ class FakeRegistration(registration_grpc.RegistrationServicer):
             self._cond.notify_all()
         return registration_pb2.RegistrationStatusResponse()
 
-    def wait_status(self) -> tuple[bool, str]:
+    def wait_status(self, count: int = 1) -> tuple[bool, str]:
+        """The latest status, once ``count`` have come (sent after the registration)."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self.statuses, timeout=TIMEOUT):
-                raise TimeoutError("no NotifyRegistrationStatus")
+            if not self._cond.wait_for(lambda: len(self.statuses) >= count, timeout=TIMEOUT):
+                raise TimeoutError(f"fewer than {count} NotifyRegistrationStatus calls")
             return self.statuses[-1]
 
 
@@ -126,6 +127,7 @@ def test_a_restart_finds_the_socket_again_and_removal_ends_the_stream(
             kube.restart()
             second = kube.wait_registered(RES, after=first.index + 1, timeout=WAIT)
             assert second.endpoint == first.endpoint
+            registration.wait_status(count=2)
             assert [ok for ok, _ in registration.statuses] == [True, True]
             path.unlink()
             kube.wait_until(lambda: not kube.stream_open(RES), what="stream closed")
