@@ -340,3 +340,34 @@ def test_ready_once_registered_even_without_a_health_stream(host: Path, node: Si
             assert agent.instance.streams.open_streams == 0
 
     run_agent(dra_agent(host, node, FakeClaimSource()), scenario)
+
+
+def test_no_cdi_ids_while_the_spec_that_resolves_them_is_missing(host: Path, node: SimNode) -> None:
+    (host / "not-a-dir").write_text("")  # the spec dir cannot be made under a file
+    claims = FakeClaimSource()
+    claims.put(claim("c", "uid-c", ["stc0"]))
+    config = parse_config(
+        {
+            "mode": "dra",
+            "pluginRegistryDir": str(host / "plugins_registry"),
+            "dra": {"stateDir": str(host / "state")},
+            "cdi": {"specDir": str(host / "not-a-dir" / "cdi")},
+        }
+    )
+    agent = Agent(
+        host / "device-plugins", node.dev_dir, node.sys_dir, config, node_name=NODE, claims=claims
+    )
+    kubelet = DraKubeletEmulator(host / "plugins_registry")
+
+    async def scenario(agent: Agent) -> None:
+        with kubelet:
+            await asyncio.to_thread(kubelet.wait_registered, DRIVER)
+            answer = await asyncio.to_thread(kubelet.prepare, DRIVER, [("default", "c", "uid-c")])
+            result = answer.claims["uid-c"]
+            assert "the CDI spec" in result.error
+            assert "is missing" in result.error
+            assert not result.devices
+            # Not prepared: asked again once the spec is there, it is fetched anew.
+            assert not (host / "state" / "checkpoint.json").exists()
+
+    run_agent(agent, scenario)

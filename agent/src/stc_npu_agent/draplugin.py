@@ -5,7 +5,8 @@ and the device health stream, translating between protobuf and the core.
   prepared before (idempotent, no API call: a kubelet restart or a retry
   must get the same devices), else the claim is fetched through the
   ``ClaimSource``, checked (``core/dra.py``), written to the checkpoint, and
-  only then answered. Per-claim failures go into the claim's ``error``; one
+  only then answered; while the CDI spec that resolves the answers is
+  missing, every claim fails with that reason. Per-claim failures go into the claim's ``error``; one
   claim's failure never fails the others.
 - NodeUnprepareResources: forgets the claim (an unknown claim is done
   already: success).
@@ -120,8 +121,11 @@ class DraPluginService(dra_grpc.DRAPluginServicer):
         driver: str,
         pool: str,
         kind: str,
+        cdi_spec: Path,
     ) -> None:
         self.state = state
+        # The spec that resolves the answers' CDI IDs (the CDI spec sink writes it).
+        self.cdi_spec = cdi_spec
         self.claims = claims
         self.prepared = prepared
         self.driver = driver
@@ -142,6 +146,17 @@ class DraPluginService(dra_grpc.DRAPluginServicer):
         return dra_pb2.NodePrepareResourcesResponse(claims=answers)
 
     async def _prepare(self, claim: dra_pb2.Claim) -> dra_pb2.NodePrepareResourceResponse:
+        if not self.cdi_spec.is_file():
+            # The runtime could not resolve the IDs: the pod would fail later
+            # with a vaguer error. The kubelet asks again.
+            message = (
+                f"the CDI spec {self.cdi_spec} is missing (see the agent's log for why): "
+                "its devices cannot be resolved"
+            )
+            log.warning(
+                "NodePrepareResources %s/%s refused: %s", claim.namespace, claim.name, message
+            )
+            return dra_pb2.NodePrepareResourceResponse(error=message)
         known = self.prepared.claims.get(claim.uid)
         if known is not None:
             return dra_pb2.NodePrepareResourceResponse(devices=_devices_pb(known))

@@ -20,7 +20,7 @@ from typing import Protocol
 import grpc
 
 from stc_npu_agent.claims import ClaimSource, MissingClaimSource
-from stc_npu_agent.core.allocation import Delivery
+from stc_npu_agent.core.allocation import Delivery, spec_file_name
 from stc_npu_agent.core.config import DRA_DRIVER_NAME, Config
 from stc_npu_agent.plugin import PLUGIN_OPTIONS, DevicePluginService, StreamTracker
 from stc_npu_agent.registration import (
@@ -92,6 +92,7 @@ class DraServices:
             driver=DRA_DRIVER_NAME,
             pool=node_name,
             kind=config.resource_name,
+            cdi_spec=Path(config.cdi.spec_dir) / spec_file_name(config.resource_name),
         )
 
     def add_to(self, server: grpc.aio.Server, streams: StreamTracker) -> None:
