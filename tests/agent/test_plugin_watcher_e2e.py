@@ -117,3 +117,17 @@ def test_serves_before_the_kubelet_exists(
     with KubeletEmulator(kubelet_dir, plugin_registry_dir=registry_dir) as kubelet:
         kubelet.wait_registered(RESOURCE)
         assert kubelet.allocatable(RESOURCE) == 4
+
+
+def test_too_long_registry_dir_is_a_clear_error_naming_it(
+    kubelet_dir: Path, start_agent: AgentFactory
+) -> None:
+    # The socket is bound under its dot-name first: one byte longer than its
+    # final name. Long enough that the bind path passes 107 bytes.
+    base = kubelet_dir.parent / "r"
+    padding = 107 - len(f"{base}/.stc-npu.{'0' * 16}.sock") + 1
+    registry = base / ("d" * padding)
+    registry.mkdir(parents=True)
+    agent = start_agent({"registration": "plugin-watcher", "pluginRegistryDir": str(registry)})
+    agent.wait_log("the limit for unix sockets: use a shorter pluginRegistryDir")
+    assert agent.process.poll() is None

@@ -113,16 +113,19 @@ class PluginInstance:
         self.streams = StreamTracker(on_lost)
         self._state = state
         self._services = services
+        # What sets the socket's dir, for an error an operator can act on.
+        self._dir_setting = "pluginRegistryDir" if registrar.kubelet_finds_us else "--kubelet-dir"
         self._server = grpc.aio.server()
         services.add_to(self._server, self.streams)
         registrar.add_services(self._server, self.path)
         self.registered_at = 0.0
 
     async def start(self) -> None:
-        if len(os.fsencode(self.path)) > MAX_UNIX_PATH:
+        longest = max((self.path, self.bind_path), key=lambda path: len(os.fsencode(path)))
+        if len(os.fsencode(longest)) > MAX_UNIX_PATH:
             raise OSError(
-                f"socket path {self.path} is longer than {MAX_UNIX_PATH} bytes, the limit "
-                "for unix sockets: use a shorter --kubelet-dir"
+                f"socket path {longest} is longer than {MAX_UNIX_PATH} bytes, the limit "
+                f"for unix sockets: use a shorter {self._dir_setting}"
             )
         try:
             self._server.add_insecure_port(f"unix:{self.bind_path}")
