@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from stc_npu_agent.testing.dra import DraKubeletEmulator
 from stc_npu_agent.testing.kubelet import Device, KubeletEmulator
 from stc_npu_agent.testing.simnode import SimNode
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
@@ -58,6 +59,7 @@ WAIT = 30.0  # generous: a noisy machine must not fail the run
 PLUGIN_DOCKERFILE = BENCH_DIR.parent / "images" / "plugin" / "Dockerfile"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+DRA_DRIVER = "npu.streamcomputing.com"
 
 
 def image_env() -> dict[str, str]:
@@ -635,6 +637,101 @@ class Bench:
                     extra={"new_plugin_sockets": new_sockets},
                 )
             )
+
+    def dra_mode(self) -> None:
+        """The agent process in DRA mode: RSS once registered, the health
+        stream's reaction to an unplug, and the NodePrepareResources round trip
+        (with no Kubernetes API client configured every claim is refused, so
+        this is the path's floor: the API read comes on top)."""
+        node = SimNode(self.root / "node-dra")
+        for index in range(MAIN_NPUS):
+            node.add_npu(index, numa_node=index // 4)
+        registry = self.root / "dra-registry"
+        config = self.root / "config-dra.yaml"
+        config.write_text(
+            f"mode: dra\npluginRegistryDir: {registry}\n"
+            f"dra:\n  stateDir: {self.root / 'dra-state'}\n"
+            f"cdi:\n  specDir: {self.root / 'dra-cdi'}\n"
+        )
+        kubelet = DraKubeletEmulator(registry)
+        kubelet.start()
+        try:
+            name = f"agent-{len(self.agents)}.log"
+            agent = start_agent(
+                self.root / "dra-device-plugins",
+                node,
+                self.root / name,
+                env=self.env,
+                extra_args=["--config", str(config), "--node-name", "node-a"],
+            )
+            self.agents.append(agent)
+            kubelet.wait_registered(DRA_DRIVER, timeout=WAIT)
+            time.sleep(1.0)  # start-up work settles, as for the device plugin's figure
+            self.add(
+                Result(
+                    "dra_rss_after_start_mb",
+                    "RSS in DRA mode after start (8 NPUs)",
+                    "MB",
+                    [agent.rss_mb()],
+                )
+            )
+
+            def health_is(device: str, health: str) -> Callable[[], bool]:
+                return lambda: kubelet.health(DRA_DRIVER).get(device, ("", ""))[0] == health
+
+            unhealthy = []
+            for round_ in range(self.plan.unplugs):
+                index = round_ % MAIN_NPUS
+                device = f"stc{index}"
+                began = time.monotonic()
+                node.unplug(index)
+                kubelet.wait_until(
+                    health_is(device, "UNHEALTHY"), timeout=WAIT, what=f"{device} unhealthy"
+                )
+                # When the message arrived (the emulator stamps it), as for ListAndWatch.
+                received = next(
+                    stamp
+                    for stamp, devices in kubelet.health_updates
+                    if stamp >= began and devices.get(("node-a", device), ("",))[0] == "UNHEALTHY"
+                )
+                unhealthy.append((received - began) * 1000)
+                node.replug(index)
+                kubelet.wait_until(
+                    health_is(device, "HEALTHY"), timeout=WAIT, what=f"{device} healthy"
+                )
+            self.add(
+                Result(
+                    "dra_unplug_to_unhealthy_ms",
+                    "DRA: unplug -> UNHEALTHY in the health stream",
+                    "ms",
+                    unhealthy,
+                )
+            )
+            prepare = []
+            for call in range(self.plan.allocates // 10 + 5):
+                began = time.monotonic()
+                answer = kubelet.prepare(DRA_DRIVER, [("bench", "c", f"uid-{call}")])
+                prepare.append((time.monotonic() - began) * 1000)
+                if not answer.claims[f"uid-{call}"].error:
+                    raise RuntimeError("a claim was prepared without a claim source")
+            self.add(
+                Result(
+                    "dra_prepare_refused_ms",
+                    "NodePrepareResources round trip, 1 claim (refused: no API client)",
+                    "ms",
+                    prepare[5:],  # after 5 warm-up calls
+                )
+            )
+            self.add(
+                Result(
+                    "dra_rss_end_mb",
+                    "RSS in DRA mode at the end of the phase",
+                    "MB",
+                    [agent.rss_mb()],
+                )
+            )
+        finally:
+            kubelet.stop()
 
     def socket_deleted(self, kubelet: KubeletEmulator) -> None:
         samples = []
@@ -1431,7 +1528,17 @@ def probe_flood(bench: Bench, plan: ExposurePlan) -> None:
 
 
 MAX_ROTATE = MAIN_NPUS
-PHASES = ("main", "quiet", "cold", "plug", "scale", "devnoise", "probeflood", "registration")
+PHASES = (
+    "main",
+    "quiet",
+    "cold",
+    "plug",
+    "scale",
+    "devnoise",
+    "probeflood",
+    "registration",
+    "dra",
+)
 
 
 def list_size(devices: Mapping[str, Device]) -> int:
@@ -1493,6 +1600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "devnoise": lambda: dev_noise(bench, exposure),
             "probeflood": lambda: probe_flood(bench, exposure),
             "registration": bench.registration_modes,
+            "dra": bench.dra_mode,
         }
         for phase in phases:
             print(f"[{phase}]", flush=True)

@@ -64,6 +64,11 @@ EXPECTED = {
     # Re-registration after a kubelet restart, by registration strategy
     "reregister_kubelet_socket_ms",
     "reregister_plugin_watcher_ms",
+    # DRA mode: RSS, health after an unplug, the NodePrepareResources path
+    "dra_rss_after_start_mb",
+    "dra_rss_end_mb",
+    "dra_unplug_to_unhealthy_ms",
+    "dra_prepare_refused_ms",
 }
 # Differences between two readings, which may come out below zero.
 MAY_BE_NEGATIVE = {"rss_growth_mb", "probe_flood_threads", "probe_flood_rss_mb"}
