@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from stc_npu_agent.testing.dra import DraKubeletEmulator
 from stc_npu_agent.testing.fake_stc_smi import FakeStcSmi
 from stc_npu_agent.testing.kubelet import Device, KubeletEmulator
 from stc_npu_agent.testing.simnode import SimNode
@@ -59,6 +60,7 @@ WAIT = 30.0  # generous: a noisy machine must not fail the run
 PLUGIN_DOCKERFILE = BENCH_DIR.parent / "images" / "plugin" / "Dockerfile"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+DRA_DRIVER = "npu.streamcomputing.com"
 
 
 def image_env() -> dict[str, str]:
@@ -95,6 +97,7 @@ class Plan:
     stale_restarts: int
     burst_trials: int
     burst_restarts: int
+    reregistrations: int
 
 
 FULL = Plan(
@@ -121,6 +124,7 @@ FULL = Plan(
     stale_restarts=30,
     burst_trials=10,
     burst_restarts=30,
+    reregistrations=50,
 )
 QUICK = Plan(
     quick=True,
@@ -146,6 +150,7 @@ QUICK = Plan(
     stale_restarts=2,
     burst_trials=1,
     burst_restarts=5,
+    reregistrations=3,
 )
 
 
@@ -453,8 +458,8 @@ class Bench:
         self.agents: list[AgentProcess] = []
         self.kubelets: list[KubeletEmulator] = []
 
-    def kubelet(self, name: str) -> KubeletEmulator:
-        emulator = KubeletEmulator(self.root / name, version="1.32")
+    def kubelet(self, name: str, registry: Path | None = None) -> KubeletEmulator:
+        emulator = KubeletEmulator(self.root / name, version="1.32", plugin_registry_dir=registry)
         emulator.start()
         self.kubelets.append(emulator)
         return emulator
@@ -612,6 +617,137 @@ class Bench:
             )
         )
         self.add(Result("restart_to_list_ms", "kubelet restart -> first device list", "ms", listed))
+
+    def registration_modes(self) -> None:
+        """kubelet restart -> first device list of the new registration, with
+        each registration strategy, on the same kind of 8-NPU node."""
+        for mode in ("kubelet-socket", "plugin-watcher"):
+            key = mode.replace("-", "_")
+            node = SimNode(self.root / f"node-{key}")
+            for index in range(MAIN_NPUS):
+                node.add_npu(index, numa_node=index // 4)
+            registry = self.root / f"registry-{key}"
+            kubelet = self.kubelet(f"kubelet-{key}", registry)
+            config = self.root / f"config-{key}.yaml"
+            config.write_text(f"registration: {mode}\npluginRegistryDir: {registry}\n")
+            self.agent(kubelet, node, extra_args=["--config", str(config)])
+            kubelet.wait_registered(RESOURCE, timeout=WAIT)
+            samples, new_sockets = [], 0
+            for _ in range(self.plan.reregistrations):
+                time.sleep(0.05)  # the agent's post-registration work settles
+                count = len(kubelet.registrations)
+                endpoint = kubelet.registrations[-1].endpoint
+                kubelet.stop()
+                before = time.monotonic()
+                kubelet.start()
+                registration = kubelet.wait_registered(RESOURCE, after=count, timeout=WAIT)
+                listed = first_update(kubelet, registration.received_at, lambda _: True)
+                samples.append((listed - before) * 1000)
+                new_sockets += registration.endpoint != endpoint
+            self.add(
+                Result(
+                    f"reregister_{key}_ms",
+                    f"kubelet restart -> first device list, registration {mode}",
+                    "ms",
+                    samples,
+                    extra={"new_plugin_sockets": new_sockets},
+                )
+            )
+
+    def dra_mode(self) -> None:
+        """The agent process in DRA mode: RSS once registered, the health
+        stream's reaction to an unplug, and the NodePrepareResources round trip
+        (with no Kubernetes API client configured every claim is refused, so
+        this is the path's floor: the API read comes on top)."""
+        node = SimNode(self.root / "node-dra")
+        for index in range(MAIN_NPUS):
+            node.add_npu(index, numa_node=index // 4)
+        registry = self.root / "dra-registry"
+        config = self.root / "config-dra.yaml"
+        config.write_text(
+            f"mode: dra\npluginRegistryDir: {registry}\n"
+            f"dra:\n  stateDir: {self.root / 'dra-state'}\n"
+            f"cdi:\n  specDir: {self.root / 'dra-cdi'}\n"
+        )
+        kubelet = DraKubeletEmulator(registry)
+        kubelet.start()
+        try:
+            name = f"agent-{len(self.agents)}.log"
+            agent = start_agent(
+                self.root / "dra-device-plugins",
+                node,
+                self.root / name,
+                env=self.env,
+                extra_args=["--config", str(config), "--node-name", "node-a"],
+            )
+            self.agents.append(agent)
+            kubelet.wait_registered(DRA_DRIVER, timeout=WAIT)
+            time.sleep(1.0)  # start-up work settles, as for the device plugin's figure
+            self.add(
+                Result(
+                    "dra_rss_after_start_mb",
+                    "RSS in DRA mode after start (8 NPUs)",
+                    "MB",
+                    [agent.rss_mb()],
+                )
+            )
+
+            def health_is(device: str, health: str) -> Callable[[], bool]:
+                return lambda: kubelet.health(DRA_DRIVER).get(device, ("", ""))[0] == health
+
+            unhealthy = []
+            for round_ in range(self.plan.unplugs):
+                index = round_ % MAIN_NPUS
+                device = f"stc{index}"
+                began = time.monotonic()
+                node.unplug(index)
+                kubelet.wait_until(
+                    health_is(device, "UNHEALTHY"), timeout=WAIT, what=f"{device} unhealthy"
+                )
+                # When the message arrived (the emulator stamps it), as for ListAndWatch.
+                received = next(
+                    stamp
+                    for stamp, devices in kubelet.health_updates
+                    if stamp >= began and devices.get(("node-a", device), ("",))[0] == "UNHEALTHY"
+                )
+                unhealthy.append((received - began) * 1000)
+                node.replug(index)
+                kubelet.wait_until(
+                    health_is(device, "HEALTHY"), timeout=WAIT, what=f"{device} healthy"
+                )
+            self.add(
+                Result(
+                    "dra_unplug_to_unhealthy_ms",
+                    "DRA: unplug -> UNHEALTHY in the health stream",
+                    "ms",
+                    unhealthy,
+                )
+            )
+            prepare = []
+            for call in range(self.plan.allocates // 10 + 5):
+                began = time.monotonic()
+                answer = kubelet.prepare(DRA_DRIVER, [("bench", "c", f"uid-{call}")])
+                prepare.append((time.monotonic() - began) * 1000)
+                if not answer.claims[f"uid-{call}"].error:
+                    raise RuntimeError("a claim was prepared without a claim source")
+            self.add(
+                Result(
+                    "dra_prepare_refused_ms",
+                    "NodePrepareResources round trip, 1 claim (refused: no API client)",
+                    "ms",
+                    prepare[5:],  # after 5 warm-up calls
+                )
+            )
+            self.add(
+                Result(
+                    "dra_rss_end_mb",
+                    "RSS in DRA mode at the end of the phase",
+                    "MB",
+                    [agent.rss_mb()],
+                )
+            )
+        finally:
+            kubelet.stop()
 
     def socket_deleted(self, kubelet: KubeletEmulator) -> None:
         samples = []
@@ -1570,6 +1706,8 @@ PHASES = (
     "devnoise",
     "probeflood",
     "vendorprobe",
+    "registration",
+    "dra",
 )
 
 
@@ -1633,6 +1771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "devnoise": lambda: dev_noise(bench, exposure),
             "probeflood": lambda: probe_flood(bench, exposure),
             "vendorprobe": lambda: vendor_probe(bench),
+            "registration": bench.registration_modes,
+            "dra": bench.dra_mode,
         }
         for phase in phases:
             print(f"[{phase}]", flush=True)

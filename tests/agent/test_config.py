@@ -356,3 +356,59 @@ def test_a_long_resource_name_is_fine_unrenamed() -> None:
     assert (
         parse_config({"resourceName": name, "sharing": {"replicas": 2}}).advertised_resource == name
     )
+
+
+def test_mode_and_registration_defaults_are_todays_device_plugin() -> None:
+    config = parse_config(None)
+    assert config.mode == "device-plugin"
+    assert config.registration == "kubelet-socket"
+    assert config.plugin_registry_dir == "/var/lib/kubelet/plugins_registry"
+    assert config.dra.state_dir == "/var/lib/kubelet/plugins/npu.streamcomputing.com"
+    assert not config.uses_cdi
+
+
+def test_mode_and_registration_are_parsed() -> None:
+    config = parse_config(
+        {
+            "registration": "plugin-watcher",
+            "pluginRegistryDir": "/var/lib/k/plugins_registry",
+        }
+    )
+    assert config.registration == "plugin-watcher"
+    assert config.plugin_registry_dir == "/var/lib/k/plugins_registry"
+    dra = parse_config({"mode": "dra", "dra": {"stateDir": "/srv/dra"}})
+    assert dra.mode == "dra"
+    assert dra.dra.state_dir == "/srv/dra"
+    assert dra.registration == "plugin-watcher"
+    assert parse_config(dra.to_mapping()) == dra
+    # A DRA driver hands out CDI names: the spec sink must be on.
+    assert dra.uses_cdi
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"mode": "dynamic"}, "mode: expected one of device-plugin, dra, got 'dynamic'"),
+        ({"registration": True}, "registration: expected one of kubelet-socket, plugin-watcher"),
+        ({"pluginRegistryDir": "plugins_registry"}, "pluginRegistryDir: must be an absolute"),
+        ({"dra": {"stateDir": 3}}, "dra.stateDir: expected a string"),
+        ({"dra": {"socket": "/x"}}, "dra.socket: unknown key"),
+        (
+            {"mode": "dra", "registration": "kubelet-socket"},
+            "registration: kubelet-socket is for mode device-plugin",
+        ),
+        (
+            {"mode": "dra", "resourceName": "3com.example/npu"},
+            "mode: dra names devices by the CDI kind '3com.example/npu'",
+        ),
+        (
+            {"mode": "dra", "sharing": {"replicas": 2}},
+            "sharing.replicas: replicas > 1 is for mode device-plugin",
+        ),
+    ],
+)
+def test_bad_mode_or_registration_is_refused_in_one_line(document: object, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document)
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)

@@ -231,3 +231,28 @@ def test_sharing_is_shown_and_replica_ids_allocate(
     assert report["config"]["sharing"]["replicas"] == 3
     # Without sharing, no sharing line.
     assert "sharing:" not in diagnose(node, kubelet_dir).stdout
+
+
+def test_plugin_watcher_mode_finds_the_agent_socket_in_plugins_registry(
+    tmp_path: Path, node: SimNode, kubelet_dir: Path, start_agent: AgentFactory
+) -> None:
+    registry = kubelet_dir.parent / "plugins_registry"
+    config = {"registration": "plugin-watcher", "pluginRegistryDir": str(registry)}
+    with KubeletEmulator(kubelet_dir, plugin_registry_dir=registry) as kubelet:
+        start_agent(config)
+        kubelet.wait_registered(RESOURCE)
+        config_path = tmp_path / "diagnose-config.yaml"
+        config_path.write_text(json.dumps(config))
+        result = diagnose(
+            node,
+            kubelet_dir,
+            "--json",
+            "--config",
+            str(config_path),
+            hpe_dir=hpe_install(tmp_path),
+        )
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert report["problems"] == [], report["problems"]
+    (sock,) = report["agent"]["sockets"]
+    assert sock["state"] == "answers"
+    assert sock["options"]["getPreferredAllocationAvailable"] is True

@@ -68,6 +68,14 @@ EXPECTED = {
     "vendor_probe_agent_cpu_ms_per_npu",
     "vendor_probe_reading_to_unhealthy_ms",
     "vendor_probe_card_off_to_unhealthy_ms",
+    # Re-registration after a kubelet restart, by registration strategy
+    "reregister_kubelet_socket_ms",
+    "reregister_plugin_watcher_ms",
+    # DRA mode: RSS, health after an unplug, the NodePrepareResources path
+    "dra_rss_after_start_mb",
+    "dra_rss_end_mb",
+    "dra_unplug_to_unhealthy_ms",
+    "dra_prepare_refused_ms",
 }
 # Differences between two readings, which may come out below zero.
 MAY_BE_NEGATIVE = {"rss_growth_mb", "probe_flood_threads", "probe_flood_rss_mb"}
@@ -109,6 +117,14 @@ def test_quick_bench_writes_every_benchmark(tmp_path: Path) -> None:
 
     # Counts follow the plan: the restart benchmark did every restart.
     assert benchmarks["restart_to_register_ms"]["n"] == document["plan"]["restarts"]
+    for key in ("reregister_kubelet_socket_ms", "reregister_plugin_watcher_ms"):
+        assert benchmarks[key]["n"] == document["plan"]["reregistrations"], key
+    # The plugin watcher finds the same socket; kubelet-socket makes a new one each time.
+    assert benchmarks["reregister_plugin_watcher_ms"]["extra"]["new_plugin_sockets"] == 0
+    assert (
+        benchmarks["reregister_kubelet_socket_ms"]["extra"]["new_plugin_sockets"]
+        == document["plan"]["reregistrations"]
+    )
     assert benchmarks["allocate_1_seq_ms"]["n"] == document["plan"]["allocates"]
     assert benchmarks["scale_add_64_to_advertised_ms"]["extra"]["devices"] == 64
     assert benchmarks["scale_add_64_to_advertised_ms"]["extra"]["device_nodes"] == 384

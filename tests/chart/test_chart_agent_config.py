@@ -28,6 +28,9 @@ CONFIG_KEYS = (
     "cdi",
     "health",
     "sharing",
+    "mode",
+    "registration",
+    "pluginRegistryDir",
 )
 
 
@@ -59,8 +62,15 @@ def test_agent_loads_the_rendered_config(scenario: Path, tmp_path: Path) -> None
     config = load_config(path)
 
     values = _values(scenario)
-    expected = {key: values[key] for key in CONFIG_KEYS}
+    expected: dict[str, Any] = {key: values[key] for key in CONFIG_KEYS}
+    dra = values["mode"] == "dra"
+    if dra:
+        expected["registration"] = "plugin-watcher"  # the only way in mode dra
+    # The DRA driver's own dir, beside plugins_registry.
+    kubelet_root = values["pluginRegistryDir"].rpartition("/")[0]
+    expected["dra"] = {"stateDir": f"{kubelet_root}/plugins/npu.streamcomputing.com"}
     assert config.to_mapping() == expected
+    assert config.uses_cdi == (dra or "cdi-cri" in values["deviceListStrategy"])
     # Every key the agent knows is written out, none it does not know.
     assert yaml.safe_load(data["config.yaml"]) == config.to_mapping()
 
@@ -83,7 +93,10 @@ CHART_ENV = (
     "STC_NPU_PROBE_ADDRESS",
     "STC_NPU_SYS_DIR",
     "STC_NPU_HPE_DIR",  # mapped mode only
+    "STC_NPU_NODE_NAME",  # mode dra only, from the pod's spec.nodeName
 )
+# What the test puts in for a fieldRef to the pod's node.
+NODE = "node-a"
 
 
 def _agent_env(container: dict[str, Any]) -> list[dict[str, Any]]:
@@ -103,6 +116,7 @@ def _intended(values: dict[str, Any]) -> dict[str, str | None]:
         "log_format": values["logFormat"],
         "hpe_dir": "/host/hpe" if values["hpe"]["mode"] == "mapped" else None,
         "probe_address": f":{values['probes']['port']}",
+        "node_name": NODE if values["mode"] == "dra" else None,
     }
 
 
@@ -116,13 +130,20 @@ def test_chart_passes_settings_as_env_only(scenario: Path) -> None:
     assert "args" not in container  # kubectl exec would not see them
     assert "command" not in container  # the image's ENTRYPOINT, stc-npu-agent
     names = [item["name"] for item in container["env"]]
-    mapped = _values(scenario)["hpe"]["mode"] == "mapped"
-    own = list(CHART_ENV if mapped else CHART_ENV[:-1])
+    values = _values(scenario)
+    left_out = {
+        "STC_NPU_HPE_DIR": values["hpe"]["mode"] != "mapped",
+        "STC_NPU_NODE_NAME": values["mode"] != "dra",
+    }
+    own = [name for name in CHART_ENV if not left_out.get(name)]
     # The chart's variables first, in a fixed order, then extraEnv's.
     assert names[: len(own)] == own
     assert not any(name.startswith("STC_NPU_") for name in names[len(own) :])
     assert set(own) <= {flag.env for flag in FLAGS}
     for item in container["env"][: len(own)]:
+        if item["name"] == "STC_NPU_NODE_NAME":
+            assert item["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+            continue
         assert set(item) == {"name", "value"}, item
         assert isinstance(item["value"], str), item
 
@@ -137,7 +158,8 @@ def test_agent_settings_from_the_rendered_env(
     for flag in FLAGS:
         monkeypatch.delenv(flag.env, raising=False)
     for item in _agent_env(agent_container(render(values_files=[scenario]))):
-        monkeypatch.setenv(item["name"], item["value"])
+        from_node = item.get("valueFrom") == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+        monkeypatch.setenv(item["name"], NODE if from_node else item["value"])
 
     agent = build_parser().parse_args([])
     diagnose = build_parser().parse_args(["diagnose"])
@@ -159,5 +181,5 @@ def test_reserved_env_names_are_the_variables_the_chart_sets() -> None:
     text = (CHART / "templates" / "validate.yaml").read_text(encoding="utf-8")
     reserved = set(re.findall(r'"(STC_NPU_[A-Z_]+)"', text))
     assert reserved == set(CHART_ENV)
-    rendered = {item["name"] for item in _agent_env(agent_container(render()))}
+    rendered = {item["name"] for item in _agent_env(agent_container(render(sets=["mode=dra"])))}
     assert reserved == rendered

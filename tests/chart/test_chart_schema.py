@@ -80,6 +80,9 @@ SCHEMA_ERRORS = [
     (["sharing.renameShared=yes"], r"sharing[./]renameShared"),
     (["sharing.failRequestsGreaterThanOne=1"], r"sharing[./]failRequestsGreaterThanOne"),
     (["sharing.replica=2"], r"replica"),
+    (["mode=dynamic"], r"mode"),
+    (["registration=watcher"], r"registration"),
+    (["pluginRegistryDir=plugins_registry"], r"pluginRegistryDir"),
 ]
 
 # templates/validate.yaml: combinations the schema cannot express.
@@ -123,6 +126,13 @@ TEMPLATE_ERRORS = [
         ["resourceName=example.com/" + "n" * 57, "sharing.replicas=2", "sharing.renameShared=true"],
         r"sharing\.renameShared: the shared resource \"example\.com/n+\.shared\" is longer than 63",
     ),
+    (["mode=dra", "resourceName=3com.example/npu"], r"mode: dra uses resourceName .* CDI kind"),
+    (
+        ["registration=plugin-watcher", "pluginRegistryDir=/var/lib/kubelet/device-plugins/r"],
+        r"pluginRegistryDir: .* overlaps \"/var/lib/kubelet/device-plugins\"",
+    ),
+    (["mode=dra", "cdi.specDir=/var/lib/kubelet/plugins_registry"], r"pluginRegistryDir: .*"),
+    (["extraEnv.STC_NPU_NODE_NAME=n"], r"extraEnv\.STC_NPU_NODE_NAME: "),
 ]
 
 

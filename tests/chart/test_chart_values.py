@@ -217,6 +217,62 @@ CASES = [
             }
         ),
     ),
+    # The default (device-plugin, kubelet-socket) renders nothing of its own.
+    Case(
+        "registration",
+        {"registration": "plugin-watcher"},
+        _config(
+            {  # the registry dir, read-write, after the chart's other mounts
+                f"{C}.volumeMounts.5.name": "plugins-registry",
+                f"{C}.volumeMounts.5.mountPath": "/var/lib/kubelet/plugins_registry",
+                f"{DS}.volumes.5.name": "plugins-registry",
+                f"{DS}.volumes.5.hostPath.path": "/var/lib/kubelet/plugins_registry",
+                f"{DS}.volumes.5.hostPath.type": "DirectoryOrCreate",
+            }
+        ),
+    ),
+    # Unused with kubelet-socket: the config only, nothing mounted.
+    Case(
+        "pluginRegistryDir",
+        {"pluginRegistryDir": "/var/lib/k0s/kubelet/plugins_registry"},
+        _config(),
+    ),
+    Case(
+        "pluginRegistryDir",
+        {
+            "registration": "plugin-watcher",
+            "pluginRegistryDir": "/var/lib/k0s/kubelet/plugins_registry",
+        },
+        _config(
+            {
+                f"{C}.volumeMounts.5.*": ANY,
+                f"{DS}.volumes.5.*": ANY,
+            }
+        ),
+    ),
+    Case(
+        "mode",
+        {"mode": "dra"},
+        _config(
+            {
+                # the node name: the DRA driver's pool
+                f"{C}.env.8.name": "STC_NPU_NODE_NAME",
+                f"{C}.env.8.valueFrom.fieldRef.fieldPath": "spec.nodeName",
+                # the CDI spec (the claims' devices), the registry, the checkpoint
+                f"{C}.volumeMounts.5.name": "cdi-specs",
+                f"{C}.volumeMounts.5.mountPath": "/var/run/cdi",
+                f"{C}.volumeMounts.6.name": "plugins-registry",
+                f"{C}.volumeMounts.6.mountPath": "/var/lib/kubelet/plugins_registry",
+                f"{C}.volumeMounts.7.name": "dra-state",
+                f"{C}.volumeMounts.7.mountPath": "/var/lib/kubelet/plugins/npu.streamcomputing.com",
+                f"{DS}.volumes.5.*": ANY,
+                f"{DS}.volumes.6.*": ANY,
+                f"{DS}.volumes.7.name": "dra-state",
+                f"{DS}.volumes.7.hostPath.path": "/var/lib/kubelet/plugins/npu.streamcomputing.com",
+                f"{DS}.volumes.7.hostPath.type": "DirectoryOrCreate",
+            }
+        ),
+    ),
     Case(
         "image.repository",
         {"image": {"repository": "registry.example.com/stc-npu-agent"}},

@@ -14,6 +14,12 @@ one re-registration. Failures back off (50 ms doubling to 5 s), but a
 and is tried at once, however it was seen (before, during or after the
 attempt). A 1 s tick is the safety net for all file system signals, the only
 source when inotify cannot be had, and the heartbeat ``/healthz`` reads.
+
+What an instance serves and how it registers come from the mode
+(``modes.py``): with the plugin watcher (``registration.py``) the kubelet
+finds the instance itself, so only the deletion of its socket calls for a
+new one, and the kubelet's NotifyRegistrationStatus says when it is
+registered.
 """
 
 from __future__ import annotations
@@ -33,28 +39,28 @@ from pathlib import Path
 
 import grpc
 
+from stc_npu_agent.claims import ClaimSource
 from stc_npu_agent.core.allocation import Delivery
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import DeviceRules
 from stc_npu_agent.core.health import signals_document
 from stc_npu_agent.core.sharing import replica_ids
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
-from stc_npu_agent.plugin import (
-    PLUGIN_OPTIONS,
-    DevicePluginService,
-    StreamTracker,
-    allocation_document,
+from stc_npu_agent.modes import Services, plan_for
+from stc_npu_agent.plugin import StreamTracker, allocation_document
+from stc_npu_agent.registration import (
+    CHANNEL_OPTIONS,
+    KUBELET_SOCKET,
+    RegisterCall,
+    Registrar,
 )
-from stc_npu_agent.sinks import SinkSet, sinks_for
+from stc_npu_agent.sinks import SinkSet
 from stc_npu_agent.state import DeviceState
-from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 from stc_npu_agent.vendor_probe import health_sources
 from stc_npu_agent.watch import DirectoryWatcher
 
 log = logging.getLogger(__name__)
 
-API_VERSION = "v1beta1"
-KUBELET_SOCKET = "kubelet.sock"
 SOCKET_PREFIX = "stc-npu."
 SOCKET_SUFFIX = ".sock"
 
@@ -63,19 +69,11 @@ TICK_SECONDS = 1.0
 RESYNC_TICKS = 10
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0
-# 1.26+ kubelets dial the plugin for up to 10 s inside Register.
-REGISTER_TIMEOUT = 15.0
-SELF_CHECK_TIMEOUT = 5.0
 # Old kubelets only log a failed dial: without a stream by then, start over.
 STREAM_DEADLINE = 10.0
 STOP_GRACE = 0.5
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_UNIX_PATH = 107
-# A channel of its own subchannel: by default every channel to one address
-# shares a subchannel and its reconnect backoff (1 s and growing), so after
-# attempts refused by a stopped kubelet's stale kubelet.sock, the attempt
-# right after the new kubelet.sock appears failed without even connecting.
-CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
 # Exit status when the plugin dir this process sees is gone for good.
 EXIT_PLUGIN_DIR_UNLINKED = 1
 
@@ -113,31 +111,36 @@ class PluginInstance:
     """One gRPC server on one uniquely named socket, for one registration."""
 
     def __init__(
-        self, kubelet_dir: Path, state: DeviceState, config: Config, on_lost: Callable[[], None]
+        self,
+        registrar: Registrar,
+        services: Services,
+        state: DeviceState,
+        on_lost: Callable[[], None],
     ) -> None:
         # Unique to this instance (the upstream sample uses dp.<unix time>);
         # hex keeps it short: a unix socket path has at most 107 bytes.
         self.name = f"{SOCKET_PREFIX}{time.time_ns():x}{SOCKET_SUFFIX}"
-        self.path = kubelet_dir / self.name
+        self.path = registrar.socket_dir / self.name
+        self.bind_path = registrar.bind_path(self.path)
         self.streams = StreamTracker(on_lost)
         self._state = state
+        self._services = services
+        # What sets the socket's dir, for an error an operator can act on.
+        self._dir_setting = "pluginRegistryDir" if registrar.kubelet_finds_us else "--kubelet-dir"
         self._server = grpc.aio.server()
-        api_pb2_grpc.add_DevicePluginServicer_to_server(
-            DevicePluginService(
-                state, config.hpe, self.streams, Delivery.from_config(config), config.sharing
-            ),
-            self._server,
-        )
+        services.add_to(self._server, self.streams)
+        registrar.add_services(self._server, self.path)
         self.registered_at = 0.0
 
     async def start(self) -> None:
-        if len(os.fsencode(self.path)) > MAX_UNIX_PATH:
+        longest = max((self.path, self.bind_path), key=lambda path: len(os.fsencode(path)))
+        if len(os.fsencode(longest)) > MAX_UNIX_PATH:
             raise OSError(
-                f"socket path {self.path} is longer than {MAX_UNIX_PATH} bytes, the limit "
-                "for unix sockets: use a shorter --kubelet-dir"
+                f"socket path {longest} is longer than {MAX_UNIX_PATH} bytes, the limit "
+                f"for unix sockets: use a shorter {self._dir_setting}"
             )
         try:
-            self._server.add_insecure_port(f"unix:{self.path}")
+            self._server.add_insecure_port(f"unix:{self.bind_path}")
         except RuntimeError:
             # grpc only says "Failed to bind" (the errno goes to its own log):
             # name the cause an operator can fix.
@@ -146,21 +149,19 @@ class PluginInstance:
             ) from None
         await self._server.start()
         # Only the kubelet (root) needs the socket.
-        os.chmod(self.path, 0o600)
+        os.chmod(self.bind_path, 0o600)
         # Prove it answers before telling the kubelet about it.
-        async with grpc.aio.insecure_channel(f"unix:{self.path}", CHANNEL_OPTIONS) as channel:
-            options = await api_pb2_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
-                api_pb2.Empty(), timeout=SELF_CHECK_TIMEOUT
-            )
-        if options != PLUGIN_OPTIONS:
-            raise RuntimeError(f"own socket answered unexpected options: {options}")
+        async with grpc.aio.insecure_channel(f"unix:{self.bind_path}", CHANNEL_OPTIONS) as channel:
+            await self._services.self_check(channel)
 
     async def close(self) -> None:
         self.streams.closing = True
         self._state.wake()  # streams waiting for a change see the close now
+        # Gone from the kubelet's view before the server stops answering.
+        for path in {self.path, self.bind_path}:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         await self._server.stop(STOP_GRACE)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
 
 
 class Agent:
@@ -170,6 +171,9 @@ class Agent:
         dev_dir: str | Path,
         sys_dir: str | Path,
         config: Config,
+        *,
+        node_name: str = "",
+        claims: ClaimSource | None = None,
     ) -> None:
         self.kubelet_dir = Path(kubelet_dir)
         self.kubelet_socket = self.kubelet_dir / KUBELET_SOCKET
@@ -183,8 +187,20 @@ class Agent:
         self.state = DeviceState(self.scanner, config.health)
         # Health sources beyond the scan (the vendor probe): tasks of run().
         self.sources = health_sources(self.state, config.health)
-        # Side effects that follow the inventory (the CDI spec, ...).
-        self.sinks = SinkSet(sinks_for(config, self._other_agent_serving))
+        # The mode's registration strategy, instance services and sinks (the
+        # side effects that follow the inventory: the CDI spec, ...).
+        plan = plan_for(
+            config,
+            self.state,
+            kubelet_dir=self.kubelet_dir,
+            node_name=node_name or socket.gethostname(),
+            claims=claims,
+            on_status=self._on_registration_status,
+            other_agent_serving=self._other_agent_serving,
+        )
+        self.registrar = plan.registrar
+        self.services = plan.services
+        self.sinks = SinkSet(plan.sinks)
         self.watcher: DirectoryWatcher  # needs the loop: made in run()
         self.instance: PluginInstance | None = None
         self.registered = False
@@ -205,12 +221,16 @@ class Agent:
     @property
     def ready(self) -> bool:
         instance = self.instance
-        return self.registered and instance is not None and instance.streams.open_streams > 0
+        if not self.registered or instance is None:
+            return False
+        return instance.streams.open_streams > 0 or not self.services.ready_needs_stream
 
     def status(self) -> dict[str, object]:
         """The agent's view, including NPUs that vanished since it saw them."""
         instance = self.instance
         return {
+            "mode": self.config.mode,
+            "registration": self.registrar.name,
             "registered": self.registered,
             "ready": self.ready,
             "registrations": self.registrations,
@@ -289,9 +309,13 @@ class Agent:
         if kubelet is not None and kubelet != self._seen_kubelet:
             self._kubelet_changed.set()
         self._seen_kubelet = kubelet
-        if not self.registered or self.instance is None:
+        if self.instance is None or not (self.registered or self.registrar.kubelet_finds_us):
             return
-        if kubelet is None:
+        if self.registrar.kubelet_finds_us:
+            # The kubelet finds the instance by its socket: nothing else counts.
+            if not self.instance.path.exists():
+                self.request_reregister(f"own socket {self.instance.name} was deleted")
+        elif kubelet is None:
             self.request_reregister(f"{KUBELET_SOCKET} was removed (kubelet stopped)")
         elif kubelet != self._registered_kubelet:
             self.request_reregister(f"{KUBELET_SOCKET} was re-created (kubelet restart)")
@@ -299,7 +323,30 @@ class Agent:
             self.request_reregister(f"own socket {self.instance.name} was deleted")
 
     def _on_stream_lost(self) -> None:
+        if self.registrar.kubelet_finds_us:
+            # A kubelet restart: the new kubelet finds the same socket and
+            # opens a new stream (until then not Ready: no stream is open).
+            log.info("the kubelet ended our stream: waiting for it to register us again")
+            return
         self.request_reregister("the kubelet ended the ListAndWatch stream")
+
+    def _on_registration_status(self, registered: bool, error: str) -> None:
+        """NotifyRegistrationStatus from the kubelet's plugin watcher."""
+        instance = self.instance
+        if not registered:
+            self.registered = False
+            log.warning("the kubelet refused the registration: %s", error or "no reason given")
+            return
+        self.registered = True
+        self.registrations += 1
+        if instance is not None:
+            instance.registered_at = time.monotonic()
+        log.info(
+            "the kubelet registered %s (%s) as %s",
+            self.config.advertised_resource,
+            self.registrar.name,
+            instance.name if instance is not None else "?",
+        )
 
     # --- the loop ---
 
@@ -324,6 +371,8 @@ class Agent:
         self.watcher = DirectoryWatcher(loop)
         self.watcher.add(self.scanner.dev_dir, self._on_dev_dir_event)
         self.watcher.add(self.kubelet_dir, self._on_kubelet_dir_event)
+        if self.registrar.socket_dir != self.kubelet_dir:
+            self.watcher.add(self.registrar.socket_dir, self._on_kubelet_dir_event)
         ticker = asyncio.create_task(self._tick())
         sources = [asyncio.create_task(source.run()) for source in self.sources]
         follower = asyncio.create_task(self.sinks.follow(self.state, TICK_SECONDS))
@@ -368,7 +417,7 @@ class Agent:
     async def _lifecycle(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            if not await self._wait_for_kubelet():
+            if not self.registrar.kubelet_finds_us and not await self._wait_for_kubelet():
                 return
             # Read before our socket exists: if this is a new kubelet's
             # socket, its start-up cleanup of the dir is already done.
@@ -434,24 +483,19 @@ class Agent:
             await old.close()
         # Each probe of a leftover socket may block (0.5 s): not on the loop.
         await asyncio.to_thread(self._remove_stale_sockets)
-        instance = PluginInstance(self.kubelet_dir, self.state, self.config, self._on_stream_lost)
+        instance = PluginInstance(self.registrar, self.services, self.state, self._on_stream_lost)
+
+        async def await_answer(call: RegisterCall) -> None:
+            await self._await_register(call, kubelet)
+
         try:
             await instance.start()
-            async with grpc.aio.insecure_channel(
-                f"unix:{self.kubelet_socket}", CHANNEL_OPTIONS
-            ) as channel:
-                call = api_pb2_grpc.RegistrationStub(channel).Register(
-                    api_pb2.RegisterRequest(
-                        version=API_VERSION,
-                        endpoint=instance.name,
-                        resource_name=self.config.advertised_resource,
-                        options=PLUGIN_OPTIONS,
-                    ),
-                    timeout=REGISTER_TIMEOUT,
-                )
-                await self._await_register(call, kubelet)
+            if self.registrar.kubelet_finds_us:
+                self.instance = instance  # the kubelet may call in at once
+            await self.registrar.register(instance.path, await_answer)
         except (grpc.RpcError, OSError, RuntimeError) as error:
             log.warning("registration failed: %s", _describe_error(error))
+            self.instance = None
             await instance.close()
             return False
         except Exception:
@@ -462,6 +506,8 @@ class Agent:
             return False
         self.instance = instance
         self._registered_kubelet = kubelet
+        if self.registrar.kubelet_finds_us:
+            return True  # registered once the kubelet's NotifyRegistrationStatus says so
         self.registered = True
         self.registrations += 1
         instance.registered_at = time.monotonic()
@@ -476,11 +522,7 @@ class Agent:
         self._check_sockets()
         return True
 
-    async def _await_register(
-        self,
-        call: grpc.aio.UnaryUnaryCall[api_pb2.RegisterRequest, api_pb2.Empty],
-        kubelet: tuple[int, int] | None,
-    ) -> None:
+    async def _await_register(self, call: RegisterCall, kubelet: tuple[int, int] | None) -> None:
         """Wait for Register, but give it up when a new kubelet.sock appears
         or the agent stops. A wedged kubelet, or a 1.26+ kubelet that started
         meanwhile (and deleted our socket) and now dials it for 10 s, would
@@ -510,11 +552,12 @@ class Agent:
         overlap): it is left alone, never fought over.
         """
         try:
-            entries = list(os.scandir(self.kubelet_dir))
+            entries = list(os.scandir(self.registrar.socket_dir))
         except OSError:
             return
         for entry in entries:
-            if entry.name.startswith(SOCKET_PREFIX) and entry.name.endswith(SOCKET_SUFFIX):
+            name = entry.name.removeprefix(".")  # a plugin-watcher socket not yet published
+            if name.startswith(SOCKET_PREFIX) and name.endswith(SOCKET_SUFFIX):
                 path = Path(entry.path)
                 if unix_socket_state(path) in ("refuses", "missing"):
                     with contextlib.suppress(FileNotFoundError):
@@ -524,15 +567,16 @@ class Agent:
     def _other_agent_serving(self) -> bool:
         """Whether a socket of ours other than this agent's answers in the kubelet dir."""
         own = self.instance.name if self.instance is not None else None
+        directory = self.registrar.socket_dir
         try:
-            names = [entry.name for entry in os.scandir(self.kubelet_dir)]
+            names = [entry.name for entry in os.scandir(directory)]
         except OSError:
             return False
         return any(
             name != own
             and name.startswith(SOCKET_PREFIX)
             and name.endswith(SOCKET_SUFFIX)
-            and unix_socket_state(self.kubelet_dir / name) == "answers"
+            and unix_socket_state(directory / name) == "answers"
             for name in names
         )
 
@@ -580,6 +624,7 @@ class Agent:
         instance = self.instance
         if (
             self.registered
+            and not self.registrar.kubelet_finds_us
             and instance is not None
             and instance.streams.opened_total == 0
             and time.monotonic() - instance.registered_at > STREAM_DEADLINE
@@ -621,10 +666,11 @@ def run(
     config: Config,
     probe_address: str | None = None,
     hpe_dir: str | None = None,
+    node_name: str = "",
 ) -> int:
     """Run the agent until SIGTERM/SIGINT; 0 on a clean stop, non-zero when
     only a restart can help (the plugin dir unlinked)."""
-    agent = Agent(kubelet_dir, dev_dir, sys_dir, config)
+    agent = Agent(kubelet_dir, dev_dir, sys_dir, config, node_name=node_name)
     log.info(
         "stc-npu-agent starting: kubelet dir %s, dev dir %s, sys dir %s",
         kubelet_dir,

@@ -18,10 +18,8 @@ The spec itself is built in ``core/cdi.py``; this module only writes it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from stc_npu_agent.core.allocation import spec_file_name
 from stc_npu_agent.core.cdi import build_spec
 from stc_npu_agent.core.config import HpeConfig
 from stc_npu_agent.core.devices import Inventory
+from stc_npu_agent.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +103,7 @@ class CdiSpecSink:
         self._remove("the agent stopped")
 
     def _write(self, content: bytes) -> None:
-        self.spec_dir.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SPEC_MODE)
-        try:
-            with os.fdopen(descriptor, "wb") as temp:
-                temp.write(content)
-                temp.flush()
-                os.fsync(temp.fileno())
-            os.chmod(self._temp, SPEC_MODE)  # whatever the umask made of it
-            os.replace(self._temp, self.path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                self._temp.unlink()
-            raise
-        directory = os.open(self.spec_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        atomic_write(self.path, content, SPEC_MODE, self._temp)
         self._written = content
         self._written_identity = _identity(self.path)
         self.writes += 1

@@ -56,6 +56,12 @@ FLAGS = (
         "(default: hpe.hostPath itself)",
     ),
     Flag(
+        "node-name",
+        "STC_NPU_NODE_NAME",
+        None,
+        "this node's Kubernetes name: the DRA driver's pool (default: the host name)",
+    ),
+    Flag(
         "probe-address",
         "STC_NPU_PROBE_ADDRESS",
         None,
@@ -173,6 +179,7 @@ def run_agent(args: argparse.Namespace, config: Config) -> int:
         config=config,
         probe_address=args.probe_address,
         hpe_dir=args.hpe_dir or config.hpe.host_path,
+        node_name=args.node_name or "",
     )
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 
 from stc_npu_agent import __version__
-from stc_npu_agent.agent import KUBELET_SOCKET, SOCKET_PREFIX, unix_socket_state
+from stc_npu_agent.agent import SOCKET_PREFIX, unix_socket_state
 from stc_npu_agent.core.allocation import Delivery, spec_file_name
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import DeviceRules, Inventory, PciInfo
@@ -33,6 +33,7 @@ from stc_npu_agent.core.health import SIGNALS, signals_document
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
 from stc_npu_agent.plugin import allocation_document
 from stc_npu_agent.probes import parse_address
+from stc_npu_agent.registration import KUBELET_SOCKET
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 
 STC_PCI_VENDOR = "0x23e2"
@@ -196,19 +197,24 @@ def collect(paths: Paths, config: Config, allocate: Sequence[str] = ()) -> dict[
     if kubelet_state != "answers":
         problems.append(f"{KUBELET_SOCKET} in {paths.kubelet_dir}: {kubelet_state}")
     own = []
-    if paths.kubelet_dir.is_dir():
-        for path in sorted(paths.kubelet_dir.iterdir()):
+    # With the plugin watcher (and in DRA mode) the agent's socket is in
+    # plugins_registry, not in the device plugin dir.
+    watched = config.registration == "plugin-watcher" or config.mode == "dra"
+    socket_dir = Path(config.plugin_registry_dir) if watched else paths.kubelet_dir
+    if socket_dir.is_dir():
+        for path in sorted(socket_dir.iterdir()):
             if path.name.startswith(SOCKET_PREFIX):
                 state = unix_socket_state(path)
+                device_plugin = state == "answers" and config.mode == "device-plugin"
                 own.append(
                     {
                         "name": path.name,
                         "state": state,
-                        "options": _plugin_options(path) if state == "answers" else None,
+                        "options": _plugin_options(path) if device_plugin else None,
                     }
                 )
     if not any(sock["state"] == "answers" for sock in own):
-        problems.append(f"no agent socket answers in {paths.kubelet_dir}")
+        problems.append(f"no agent socket answers in {socket_dir}")
     agent = (
         (_probe_url(paths.probe_address), status_detail) if status and paths.probe_address else None
     )

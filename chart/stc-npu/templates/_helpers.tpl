@@ -145,7 +145,8 @@ Argument: (dict "context" <map> "legacy" <bool string>).
 
 {{/*
 The agent's config file. Only resourceName, hpe, discovery,
-deviceListStrategy, stcSetDevices, cdi, health and sharing, written field by
+deviceListStrategy, stcSetDevices, cdi, health, sharing, mode, registration
+and pluginRegistryDir (and dra.stateDir, derived from it), written field by
 field in a fixed order (the agent's own order; health as sorted YAML), so the
 file and its checksum depend only on these values. The discovery lists and
 the later sections came after 0.1.0: an upgrade with --reuse-values has
@@ -181,6 +182,42 @@ sharing:
   replicas: {{ include "stc-npu.replicas" . }}
   renameShared: {{ dig "renameShared" false $sharing }}
   failRequestsGreaterThanOne: {{ dig "failRequestsGreaterThanOne" false $sharing }}
+mode: {{ include "stc-npu.mode" . | quote }}
+registration: {{ include "stc-npu.registration" . | quote }}
+pluginRegistryDir: {{ include "stc-npu.pluginRegistryDir" . | quote }}
+dra:
+  stateDir: {{ include "stc-npu.draStateDir" . | quote }}
+{{- end -}}
+
+{{/*
+mode, registration and pluginRegistryDir with their defaults (absent after
+a --reuse-values upgrade from an older release). registration is the
+effective one: mode dra always registers through the plugin watcher.
+*/}}
+{{- define "stc-npu.mode" -}}
+{{- .Values.mode | default "device-plugin" -}}
+{{- end -}}
+
+{{- define "stc-npu.registration" -}}
+{{- if eq (include "stc-npu.mode" .) "dra" -}}
+plugin-watcher
+{{- else -}}
+{{- .Values.registration | default "kubelet-socket" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "stc-npu.pluginRegistryDir" -}}
+{{- .Values.pluginRegistryDir | default "/var/lib/kubelet/plugins_registry" -}}
+{{- end -}}
+
+{{/* "true" when the agent registers through the kubelet's plugin watcher. */}}
+{{- define "stc-npu.usesPluginRegistry" -}}
+{{- if eq (include "stc-npu.registration" .) "plugin-watcher" -}}true{{- end -}}
+{{- end -}}
+
+{{/* The DRA driver's own dir (its checkpoint): <kubelet root>/plugins/<driver>. */}}
+{{- define "stc-npu.draStateDir" -}}
+{{- printf "%s/plugins/npu.streamcomputing.com" (dir (include "stc-npu.pluginRegistryDir" .)) -}}
 {{- end -}}
 
 {{/*
@@ -214,9 +251,10 @@ agent's own rule, core/config.py advertised_resource).
 {{- end -}}
 {{- end -}}
 
-{{/* "true" when Allocate answers CDI names: the agent then writes the spec. */}}
+{{/* "true" when devices are handed out by CDI name (Allocate with cdi-cri, or
+mode dra): the agent then writes the spec. */}}
 {{- define "stc-npu.usesCdi" -}}
-{{- if has "cdi-cri" (include "stc-npu.deviceListStrategy" . | fromJsonArray) -}}true{{- end -}}
+{{- if or (eq (include "stc-npu.mode" .) "dra") (has "cdi-cri" (include "stc-npu.deviceListStrategy" . | fromJsonArray)) -}}true{{- end -}}
 {{- end -}}
 
 {{/*
@@ -254,6 +292,12 @@ names.
 {{- if eq .Values.hpe.mode "mapped" }}
 - name: STC_NPU_HPE_DIR
   value: {{ include "stc-npu.hostHpeMount" . | quote }}
+{{- end }}
+{{- if eq (include "stc-npu.mode" .) "dra" }}
+- name: STC_NPU_NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
 {{- end }}
 {{- end -}}
 

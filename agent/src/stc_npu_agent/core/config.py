@@ -34,6 +34,19 @@ DEFAULT_CDI_SPEC_DIR = "/var/run/cdi"
 MAX_REPLICAS = 100
 # sharing.renameShared: the shared resource is <resourceName>.shared.
 SHARED_SUFFIX = ".shared"
+# How the NPUs are served: the device plugin API (a count of an extended
+# resource), or Dynamic Resource Allocation (claims, the kubelet's DRA API).
+Mode = Literal["device-plugin", "dra"]
+MODES: tuple[Mode, ...] = ("device-plugin", "dra")
+# How a device plugin becomes known to the kubelet: Register on kubelet.sock,
+# or a registration socket the kubelet's plugin watcher finds (DRA mode
+# always registers the second way).
+Registration = Literal["kubelet-socket", "plugin-watcher"]
+REGISTRATIONS: tuple[Registration, ...] = ("kubelet-socket", "plugin-watcher")
+DEFAULT_PLUGIN_REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
+DRA_DRIVER_NAME = "npu.streamcomputing.com"
+# The kubelet's per-driver dir for a DRA driver's own files (the checkpoint).
+DEFAULT_DRA_STATE_DIR = f"/var/lib/kubelet/plugins/{DRA_DRIVER_NAME}"
 
 DEFAULT_RESOURCE_NAME = "streamcomputing.com/npu"
 DEFAULT_HPE_PATH = "/usr/local/hpe"
@@ -157,7 +170,18 @@ class SharingConfig:
 
 
 @dataclass(frozen=True)
+class DraConfig:
+    # Where the DRA driver keeps its checkpoint of prepared claims: a host
+    # dir that outlives the agent's container.
+    state_dir: str = DEFAULT_DRA_STATE_DIR
+
+
+@dataclass(frozen=True)
 class Config:
+    mode: Mode = "device-plugin"
+    registration: Registration = "kubelet-socket"
+    plugin_registry_dir: str = DEFAULT_PLUGIN_REGISTRY_DIR
+    dra: DraConfig = field(default_factory=DraConfig)
     resource_name: str = DEFAULT_RESOURCE_NAME
     hpe: HpeConfig = field(default_factory=HpeConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
@@ -176,8 +200,9 @@ class Config:
 
     @property
     def uses_cdi(self) -> bool:
-        """Allocate answers CDI device names, so the spec must be written."""
-        return "cdi-cri" in self.device_list_strategy
+        """Devices are handed out by CDI name, so the spec must be written:
+        Allocate with cdi-cri, and every NodePrepareResources answer in DRA mode."""
+        return self.mode == "dra" or "cdi-cri" in self.device_list_strategy
 
     def to_mapping(self) -> dict[str, Any]:
         """The effective config in the file's own shape (for the start-up log)."""
@@ -222,6 +247,10 @@ class Config:
                 "renameShared": self.sharing.rename_shared,
                 "failRequestsGreaterThanOne": self.sharing.fail_requests_greater_than_one,
             },
+            "mode": self.mode,
+            "registration": self.registration,
+            "pluginRegistryDir": self.plugin_registry_dir,
+            "dra": {"stateDir": self.dra.state_dir},
         }
 
 
@@ -323,6 +352,17 @@ def _device_list_strategy(key: str, value: object) -> tuple[str, ...]:
     if repeated:
         raise ConfigError(f"{key}: {', '.join(repeated)} listed more than once")
     return tuple(value)
+
+
+def _one_of(choices: tuple[str, ...]) -> Validator:
+    def validate(key: str, value: object) -> str:
+        if value not in choices:
+            raise ConfigError(
+                f"{key}: expected one of {', '.join(choices)}, got {_describe(value)}"
+            )
+        return str(value)
+
+    return validate
 
 
 def _stc_set_devices(key: str, value: object) -> str:
@@ -595,8 +635,14 @@ _SECTIONS: dict[str, dict[str, tuple[Validator, str]]] = {
         "renameShared": (_boolean, "rename_shared"),
         "failRequestsGreaterThanOne": (_boolean, "fail_requests_greater_than_one"),
     },
+    "dra": {
+        "stateDir": (_absolute_path, "state_dir"),
+    },
 }
 _TOP_LEVEL: dict[str, tuple[Validator, str]] = {
+    "mode": (_one_of(MODES), "mode"),
+    "registration": (_one_of(REGISTRATIONS), "registration"),
+    "pluginRegistryDir": (_absolute_path, "plugin_registry_dir"),
     "resourceName": (_resource_name, "resource_name"),
     "deviceListStrategy": (_device_list_strategy, "device_list_strategy"),
     "stcSetDevices": (_stc_set_devices, "stc_set_devices"),
@@ -645,12 +691,25 @@ def parse_config(raw: object) -> Config:
     health = _health(raw.get("health"))
     cdi = CdiConfig(**_section_values("cdi", raw.get("cdi"), _SECTIONS["cdi"]))  # type: ignore[arg-type]
     sharing = SharingConfig(**_section_values("sharing", raw.get("sharing"), _SECTIONS["sharing"]))  # type: ignore[arg-type]
-    config = Config(hpe=hpe, discovery=discovery, health=health, cdi=cdi, sharing=sharing, **top)  # type: ignore[arg-type]
-    _check_combination(config)
+    dra = DraConfig(**_section_values("dra", raw.get("dra"), _SECTIONS["dra"]))  # type: ignore[arg-type]
+    if top.get("mode") == "dra":
+        # The effective value (for the log and a round trip): DRA plugins
+        # have no other way to register.
+        top.setdefault("registration", "plugin-watcher")
+    config = Config(
+        hpe=hpe,
+        discovery=discovery,
+        health=health,
+        cdi=cdi,
+        sharing=sharing,
+        dra=dra,
+        **top,  # type: ignore[arg-type]
+    )
+    _check_combination(config, raw)
     return config
 
 
-def _check_combination(config: Config) -> None:
+def _check_combination(config: Config, raw: Mapping[Any, Any]) -> None:
     """Rules across keys: each value alone was valid."""
     advertised = config.advertised_resource
     problem = extended_resource_name_problem(advertised)
@@ -659,7 +718,26 @@ def _check_combination(config: Config) -> None:
             f"sharing.renameShared: the shared resource {advertised!r} "
             f"(resourceName + {SHARED_SUFFIX!r}) is not a valid resource name: {problem}"
         )
-    if config.uses_cdi:
+    if config.mode == "dra" and raw.get("registration") == "kubelet-socket":
+        raise ConfigError(
+            "registration: kubelet-socket is for mode device-plugin; mode dra always "
+            "registers through the kubelet's plugin watcher (leave registration unset)"
+        )
+    if config.mode == "dra" and config.sharing.shared:
+        # Replicas are device plugin IDs; under DRA, pods share an NPU by
+        # sharing one ResourceClaim.
+        raise ConfigError(
+            "sharing.replicas: replicas > 1 is for mode device-plugin; with mode dra, "
+            "pods share an NPU by referencing one ResourceClaim"
+        )
+    if config.mode == "dra":
+        problem = cdi_kind_problem(config.resource_name)
+        if problem:
+            raise ConfigError(
+                f"mode: dra names devices by the CDI kind {config.resource_name!r} "
+                f"(the resourceName), which CDI refuses: {problem}"
+            )
+    elif config.uses_cdi:
         problem = cdi_kind_problem(config.resource_name)
         if problem:
             raise ConfigError(

@@ -92,7 +92,19 @@ Not emulated (deliberately)
   (unknown, unhealthy, in use) so tests can exercise a plugin's defences, and
   ``get_preferred_allocation`` returns the plugin's raw answer (the kubelet
   would intersect it with ``available`` and fall back to its own pick).
-* The plugin-watcher path (``plugins_registry``), topology manager, pods.
+* Topology manager, pods.
+
+Plugin-watcher registration (``plugin_registry_dir``)
+----------------------------------------------------
+With ``plugin_registry_dir`` the emulator also runs the kubelet's plugin
+watcher there (``testing/pluginwatcher.py``) while it runs: each socket found
+(also at start: the kubelet never cleans that dir) gets ``GetInfo`` (1 s
+deadline); type ``DevicePlugin`` with ``v1beta1`` among its versions is
+registered exactly as a 1.26+ Register of the resource ``name`` with the
+endpoint (a full path): dial, ``GetDevicePluginOptions``, the registration
+recorded (``registrations``, ``endpoint`` is the full path), ListAndWatch;
+then ``NotifyRegistrationStatus`` with the outcome. Other types are refused
+through ``NotifyRegistrationStatus``. A socket removed stops its stream.
 
 Observation history (``registrations``, ``updates``) spans restarts; the
 registration index is the position in ``registrations``.
@@ -119,6 +131,7 @@ from typing import Literal
 
 import grpc
 
+from stc_npu_agent.testing.pluginwatcher import PluginDirWatcher, get_info, notify
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -129,6 +142,7 @@ API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
 CHECKPOINT_FILE = "kubelet_internal_checkpoint"
 DEPRECATION_FILE = "DEPRECATION"
+DEVICE_PLUGIN_TYPE = "DevicePlugin"
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 
@@ -263,6 +277,7 @@ class KubeletEmulator:
         version: str = "1.32",
         reregistration_bug: bool = False,
         dial_timeout: float = 10.0,
+        plugin_registry_dir: Path | None = None,
     ) -> None:
         _, minor = parse_version(version)
         self.plugin_dir = Path(plugin_dir).absolute()
@@ -294,6 +309,14 @@ class KubeletEmulator:
         self._hung: socket.socket | None = None
         self._register_fault: str | None = None
         self._cut_offs = 0
+        self._watched: dict[Path, str] = {}  # registration socket -> resource
+        self._watcher = (
+            None
+            if plugin_registry_dir is None
+            else PluginDirWatcher(
+                Path(plugin_registry_dir).absolute(), self._plugin_found, self._plugin_removed
+            )
+        )
 
     # --- lifecycle --------------------------------------------------------
 
@@ -323,6 +346,8 @@ class KubeletEmulator:
                 (self.plugin_dir / DEPRECATION_FILE).touch()
             self._event("started")
             self._notify()
+        if self._watcher is not None:
+            self._watcher.start()
 
     def stop(self, *, crash: bool = False, hang: bool = False) -> None:
         """Stop serving and drop every stream; ``kubelet.sock`` stays behind,
@@ -355,6 +380,8 @@ class KubeletEmulator:
             kept = False  # the dir or the socket was deleted under us
         else:
             kept = True
+        if self._watcher is not None:
+            self._watcher.stop()
         server.stop(grace=None).wait()
         if self._executor is not None:
             # Handlers still dialing finish on their own (epoch check).
@@ -639,12 +666,57 @@ class KubeletEmulator:
     def _handle_register(
         self, request: api_pb2.RegisterRequest, context: grpc.ServicerContext
     ) -> api_pb2.Empty:
-        received = time.monotonic()
-        requested = Options.from_pb(request.options)
-        resource = request.resource_name
         # Not validated, joined like Go's filepath.Join (an absolute
         # endpoint is appended, not substituted).
         path = posixpath.normpath(f"{self.plugin_dir}/{request.endpoint}")
+        refusal = self._register(request, path, self.generation)
+        if refusal is not None:
+            context.abort(*refusal)
+        return api_pb2.Empty()
+
+    def _plugin_found(self, socket_path: Path) -> bool:
+        """The plugin watcher found a registration socket (see the module docstring)."""
+        try:
+            info = get_info(socket_path)
+        except grpc.RpcError as exc:
+            self._event(f"plugin watcher: GetInfo on {socket_path.name} failed: {_rpc_text(exc)}")
+            self._notify()
+            return False
+        if info.type != DEVICE_PLUGIN_TYPE:
+            notify(socket_path, False, f"plugin type {info.type!r} is not handled here")
+            return True
+        self._event(f"plugin watcher: {info.name} at {info.endpoint}")
+        request = api_pb2.RegisterRequest(
+            version=API_VERSION if API_VERSION in info.supported_versions else "",
+            endpoint=info.endpoint,
+            resource_name=info.name,
+        )
+        # The endpoint is a full path; the device manager's handler dials
+        # before it answers, in every version.
+        refusal = self._register(request, info.endpoint, "new")
+        if refusal is None:
+            with self._cond:
+                self._watched[socket_path] = info.name
+        notify(socket_path, refusal is None, "" if refusal is None else refusal[1])
+        return refusal is None or refusal[0] is not grpc.StatusCode.UNAVAILABLE
+
+    def _plugin_removed(self, socket_path: Path) -> bool:
+        with self._cond:
+            resource = self._watched.pop(socket_path, None)
+            state = self._resources.get(resource) if resource is not None else None
+            ended = [state.stream] if state is not None and state.stream is not None else []
+            self._event(f"plugin watcher: {socket_path.name} removed")
+        for stream in ended:
+            _close_stream(stream)
+        return True
+
+    def _register(
+        self, request: api_pb2.RegisterRequest, path: str, generation: Generation
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """One registration; None when accepted, else (code, text) of the refusal."""
+        received = time.monotonic()
+        requested = Options.from_pb(request.options)
+        resource = request.resource_name
 
         def record(options: Options, accepted: bool, error: str | None) -> int:
             with self._cond:
@@ -680,12 +752,12 @@ class KubeletEmulator:
                 error = self._register_fault
         if error is not None:
             record(requested, False, error)
-            context.abort(grpc.StatusCode.UNKNOWN, error)
+            return grpc.StatusCode.UNKNOWN, error
 
         with self._cond:
             epoch = self._epoch
 
-        if self.generation == "old":
+        if generation == "old":
             # 1.18-1.25: answer at once; dial afterwards in the background.
             index = record(requested, True, None)
             threading.Thread(
@@ -694,7 +766,7 @@ class KubeletEmulator:
                 name=f"kubelet-dial-{index}",
                 daemon=True,
             ).start()
-            return api_pb2.Empty()
+            return None
 
         # 1.26+: map the name to this Register's client, dial before
         # answering, options only from the plugin.
@@ -718,7 +790,7 @@ class KubeletEmulator:
             self._map_client(resource, None, epoch)
             error = f"failed to connect to device plugin {resource} at {path}: {dial_error}"
             record(options, False, error)
-            context.abort(grpc.StatusCode.UNKNOWN, error)
+            return grpc.StatusCode.UNKNOWN, error
         index = record(options, True, None)
         if not self._install(
             index=index,
@@ -729,8 +801,8 @@ class KubeletEmulator:
             epoch=epoch,
             client=client,
         ):
-            context.abort(grpc.StatusCode.UNAVAILABLE, "kubelet is shutting down")
-        return api_pb2.Empty()
+            return grpc.StatusCode.UNAVAILABLE, "kubelet is shutting down"
+        return None
 
     def _map_client(self, resource: str, client: object, epoch: int) -> None:
         """1.26+: the resource name now maps to ``client`` (None: unmapped)."""
