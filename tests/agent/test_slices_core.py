@@ -96,7 +96,8 @@ def test_taint_value_is_a_label_value() -> None:
         "stc1c0: PCI 0000:04:00.0 vendor 0x10de is not allowed (0x23e2); " * 3
     )
     assert len(value) <= 63
-    assert value[0].isalnum() and value[-1].isalnum()
+    assert value[0].isalnum()
+    assert value[-1].isalnum()
     assert set(value) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
     assert slices.taint_value("!!!") == "unhealthy"
 
