@@ -5,6 +5,7 @@ must keep from the slice on the server."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,18 +127,20 @@ def test_slice_name_stays_a_valid_length_and_unique() -> None:
 
 
 def test_taint_times_are_kept_and_ignored_when_comparing() -> None:
-    taint = {"key": "k", "value": "v", "effect": "NoSchedule"}
-    current = [{"name": "stc1", "taints": [{**taint, "timeAdded": "2026-01-01T00:00:00Z"}]}]
-    desired = [{"name": "stc1", "taints": [dict(taint)]}]
+    taint: dict[str, Any] = {"key": "k", "value": "v", "effect": "NoSchedule"}
+    current: list[dict[str, Any]] = [
+        {"name": "stc1", "taints": [{**taint, "timeAdded": "2026-01-01T00:00:00Z"}]}
+    ]
+    desired: list[dict[str, Any]] = [{"name": "stc1", "taints": [dict(taint)]}]
     assert slices.comparable_devices(current) == desired
     slices.keep_taint_times(desired, current)
     assert desired[0]["taints"][0]["timeAdded"] == "2026-01-01T00:00:00Z"
-    other = [{"name": "stc1", "taints": [{**taint, "value": "w"}]}]
+    other: list[dict[str, Any]] = [{"name": "stc1", "taints": [{**taint, "value": "w"}]}]
     slices.keep_taint_times(other, current)
     assert "timeAdded" not in other[0]["taints"][0]  # another reason: a new taint
 
 
 def test_taints_kept_tells_a_server_that_drops_them() -> None:
-    sent = [{"name": "stc0"}, {"name": "stc1", "taints": [{"key": "k"}]}]
+    sent: list[dict[str, Any]] = [{"name": "stc0"}, {"name": "stc1", "taints": [{"key": "k"}]}]
     assert slices.taints_kept(sent, [{"name": "stc0"}, {"name": "stc1", "taints": [{"key": "k"}]}])
     assert not slices.taints_kept(sent, [{"name": "stc0"}, {"name": "stc1"}])
