@@ -173,6 +173,27 @@ async def test_a_taint_keeps_its_time_when_other_devices_change(
 
 
 @sync
+async def test_in_sync_waits_for_a_change_made_during_a_write(
+    server: FakeApiServer, make: Callable[..., Harness], tmp_path: Path
+) -> None:
+    node = SimNode(tmp_path)
+    node.add_npu(0)
+    harness = make(min_interval=0.05)
+    inventory = scan(node)
+    harness.publisher.update(inventory)
+    await harness.publisher.in_sync.wait()
+    server.answer_delay = 0.5  # the write that taints stc0 is stored, its answer late
+    node.unplug(0)
+    inventory = scan(node, inventory)
+    harness.publisher.update(inventory)
+    await until(lambda: "taints" in devices(server)["stc0"], "stc0 is tainted")
+    node.replug(0)  # before the publisher has the answer to the tainting write
+    harness.publisher.update(scan(node, inventory))
+    await asyncio.wait_for(harness.publisher.in_sync.wait(), 20)
+    assert "taints" not in devices(server)["stc0"]
+
+
+@sync
 async def test_without_device_taints_unhealthy_npus_are_left_out(
     server: FakeApiServer,
     make: Callable[..., Harness],

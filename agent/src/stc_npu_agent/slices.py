@@ -206,7 +206,10 @@ class SlicePublisher:
             ", ".join(_summary(device) for device in desired) or "no devices",
         )
         self._learn_taint_support(desired, stored)
-        if self._same(stored, self._devices(inventory)):
+        # The latest inventory, not the one written: it may have moved on
+        # while the write was on its way.
+        latest = self._inventory
+        if latest is not None and self._same(stored, self._devices(latest)):
             self.in_sync.set()
         else:
             self._wake.set()  # the inventory moved on, or taints fell back

@@ -2,7 +2,7 @@
 
 Serves, over plain HTTP on 127.0.0.1, just what the DRA publisher and the
 claim source call: ResourceSlices (get, list, create, update, delete),
-ResourceClaims (get) and Nodes (get), as JSON, with the API server's rules
+ResourceClaims (get), Nodes (get) and ``/version``, as JSON, with the API server's rules
 that matter to a client: ``resourceVersion`` checks on update (409
 Conflict), 404 and 409 on create of an existing name, a taint's
 ``timeAdded`` filled in, and (``device_taints=False``) the silent drop of
@@ -47,6 +47,9 @@ class FakeApiServer:
         self.requests: list[Request] = []
         self.fail_next: list[int] = []  # HTTP statuses to answer the next requests with
         self.now: str | None = None  # the server's time for timeAdded (None: the clock)
+        # Seconds between storing a write and answering it: a slow server,
+        # during which a client can see the new state by another read.
+        self.answer_delay = 0.0
         self.lock = threading.Lock()
         self._version = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -116,6 +119,8 @@ class FakeApiServer:
     def _route(  # noqa: PLR0911 (one return per route)
         self, method: str, path: str, body: dict[str, Any] | None
     ) -> tuple[int, Any]:
+        if path.rstrip("/") == "/version" and method == "GET":
+            return 200, {"major": "1", "minor": "36", "gitVersion": "v1.36.2"}
         if path == SLICES and method == "GET":
             items = [self.slices[name] for name in sorted(self.slices)]
             listing = {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSliceList"}
@@ -171,6 +176,8 @@ class FakeApiServer:
                 raw = self.rfile.read(length) if length else b""
                 body = json.loads(raw) if raw else None
                 status, answer = server.handle(self.command, self.path.split("?")[0], body)
+                if server.answer_delay and self.command != "GET":
+                    time.sleep(server.answer_delay)
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
