@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent" / "src"))
 
-from stc_npu_agent.testing.fakeapi import FakeApiServer  # noqa: E402
+from stc_npu_agent.testing.fakeapi import FakeApiServer
 
 RSS = "int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])//1024"
 
@@ -100,12 +100,14 @@ def main() -> None:
         print("| library | installed (MiB, own + deps) | import (ms, best of 5) "
               "| RSS after import (MiB) | RSS after one request (MiB) |")  # fmt: skip
         print("|---|---|---|---|---|")
-        for name in IMPORTS:
+        for name, statement in IMPORTS.items():
             python = root / name / "bin" / "python"
             size = (site_packages_kib(root / name) - base_size) / 1024
-            imported = best_of(python, IMPORTS[name]) - base_time
+            imported = best_of(python, statement) - base_time
             code = f"URL = {server.url!r}\n" + REQUEST[name].format(rss=RSS)
-            out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+            out = subprocess.run(
+                [str(python), "-c", code], capture_output=True, text=True, check=False
+            )
             rss = out.stdout.split() if out.returncode == 0 else ["-", out.stderr.strip()[-80:]]
             rss_base = subprocess.run(
                 [str(base / "bin" / "python"), "-c", f"print({RSS})"],

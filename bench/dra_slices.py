@@ -26,12 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent" / "src"))
 
-from stc_npu_agent.core.devices import DeviceRules, Inventory  # noqa: E402
-from stc_npu_agent.discovery import DeviceScanner  # noqa: E402
-from stc_npu_agent.kubeapi import KubeApi, server_config  # noqa: E402
-from stc_npu_agent.slices import SlicePublisher  # noqa: E402
-from stc_npu_agent.testing.fakeapi import FakeApiServer  # noqa: E402
-from stc_npu_agent.testing.simnode import SimNode  # noqa: E402
+from stc_npu_agent.core.devices import DeviceRules, Inventory
+from stc_npu_agent.discovery import DeviceScanner
+from stc_npu_agent.kubeapi import KubeApi, server_config
+from stc_npu_agent.slices import SlicePublisher
+from stc_npu_agent.testing.fakeapi import FakeApiServer
+from stc_npu_agent.testing.simnode import SimNode
 
 DRIVER = "npu.streamcomputing.com"
 NODE = "bench-node"
