@@ -19,7 +19,13 @@ import pytest
 
 from stc_npu_agent.core.devices import DeviceRules, Inventory
 from stc_npu_agent.discovery import DeviceScanner
-from stc_npu_agent.kubeapi import ClaimReadError, KubeApi, in_cluster_config, server_config
+from stc_npu_agent.kubeapi import (
+    ClaimReadError,
+    KubeApi,
+    in_cluster_config,
+    server_config,
+    slice_publisher,
+)
 from stc_npu_agent.slices import ApiError, SlicePublisher
 from stc_npu_agent.testing.fakeapi import FakeApiServer
 from stc_npu_agent.testing.simnode import SimNode
@@ -302,6 +308,21 @@ async def test_resync_puts_back_a_deleted_slice(
 
 
 @sync
+async def test_resync_on_demand_puts_back_a_slice_the_kubelet_wiped(
+    server: FakeApiServer, make: Callable[..., Harness], tmp_path: Path
+) -> None:
+    node = SimNode(tmp_path)
+    node.add_npu(0)
+    harness = make(min_interval=0.05)  # the periodic read-back is a minute away
+    harness.publisher.update(scan(node))
+    await until(lambda: SLICE in server.slices, "the slice is created")
+    with server.lock:
+        del server.slices[SLICE]
+    harness.publisher.resync()
+    await until(lambda: SLICE in server.slices, "the slice is back")
+
+
+@sync
 async def test_stop_leaves_the_slice_and_delete_removes_it(
     server: FakeApiServer, make: Callable[..., Harness], tmp_path: Path
 ) -> None:
@@ -314,6 +335,23 @@ async def test_stop_leaves_the_slice_and_delete_removes_it(
     assert SLICE in server.slices
     await harness.publisher.delete()
     assert SLICE not in server.slices
+
+
+@sync
+async def test_the_factory_reads_the_kernel_driver_version(
+    server: FakeApiServer, tmp_path: Path
+) -> None:
+    node = SimNode(tmp_path)
+    node.add_npu(0)
+    (node.sys_dir / "module" / "stc").mkdir(parents=True)
+    (node.sys_dir / "module" / "stc" / "version").write_text("1.4.0\n")
+    api = KubeApi(server_config(server.url))
+    publisher = slice_publisher(api, NODE, node.sys_dir, min_interval=0.05)
+    publisher.update(scan(node))
+    await until(lambda: SLICE in server.slices, "the slice is created")
+    assert devices(server)["stc0"]["attributes"]["driverVersion"] == {"version": "1.4.0"}
+    publisher.stop()
+    await api.close()
 
 
 @sync

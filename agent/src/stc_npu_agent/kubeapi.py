@@ -14,6 +14,7 @@ the bench hand in a server URL instead.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +24,16 @@ from lightkube import AsyncClient, ConfigError, KubeConfig
 from lightkube.config.models import Cluster, User
 from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 
-from stc_npu_agent.slices import ApiError
+from stc_npu_agent.core.slices import DEFAULT_MODELS
+from stc_npu_agent.discovery import driver_version
+from stc_npu_agent.slices import MIN_INTERVAL, ApiError, SlicePublisher
 
 if TYPE_CHECKING:
     from lightkube.generic_resource import GenericGlobalResource
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 REQUEST_TIMEOUT = 10.0
+DRA_DRIVER = "npu.streamcomputing.com"
 
 ResourceSlice = create_global_resource("resource.k8s.io", "v1", "ResourceSlice", "resourceslices")
 ResourceClaim = create_namespaced_resource(
@@ -123,3 +127,23 @@ class KubeApi:
 def _slice(obj: dict[str, Any]) -> GenericGlobalResource:
     resource: GenericGlobalResource = ResourceSlice.from_dict(obj)
     return resource
+
+
+def slice_publisher(
+    api: KubeApi,
+    node_name: str,
+    sys_dir: Path,
+    *,
+    models: Mapping[str, str] = DEFAULT_MODELS,
+    min_interval: float = MIN_INTERVAL,
+) -> SlicePublisher:
+    """The node's ResourceSlice sink, with the kernel driver's version read
+    from ``sys_dir`` (``/sys/module/<driver>/version``) at each change."""
+    return SlicePublisher(
+        api,
+        node_name,
+        driver=DRA_DRIVER,
+        models=models,
+        driver_version=lambda driver: driver_version(sys_dir, driver),
+        min_interval=min_interval,
+    )

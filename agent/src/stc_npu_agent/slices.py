@@ -5,8 +5,10 @@ The slice itself is built in ``core/slices.py``; this module decides when to
 write and talks to the API through ``SliceApi`` (``kubeapi.py``).
 - Published at start, then on every change of what the slice would say
   (inventory or health); the lifecycle's tick costs nothing when it is the
-  same. Every few minutes the slice is read back, so one deleted or changed
-  by someone else is put right.
+  same. Every minute, and at once on ``resync()`` (to be called on each
+  registration with the kubelet: a starting kubelet deletes the slices of
+  drivers not yet registered), the slice is read back, so one deleted or
+  changed by someone else is put right.
 - Coalesced: at most one write per ``min_interval`` (1 s by default); the
   changes in between are folded into the next write, which carries the
   latest inventory. An NPU flapping on thousands of nodes costs the API
@@ -42,7 +44,7 @@ from stc_npu_agent.core.devices import Inventory
 log = logging.getLogger(__name__)
 
 MIN_INTERVAL = 1.0  # seconds between two writes of the slice
-RESYNC_INTERVAL = 300.0  # seconds between read-backs when nothing changed
+RESYNC_INTERVAL = 60.0  # seconds between read-backs when nothing changed
 MAX_BACKOFF = 30.0
 
 
@@ -123,6 +125,14 @@ class SlicePublisher:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+    def resync(self) -> None:
+        """Read the slice back and put it right now (e.g. after the kubelet,
+        which deletes slices when it starts, registered us again)."""
+        self._known = False
+        if self._task is not None:
+            self.in_sync.clear()
+            self._wake.set()
 
     async def delete(self) -> None:
         """Remove the node's slice (an operator's explicit clean-up)."""
