@@ -294,6 +294,22 @@ async def test_a_slice_changed_by_someone_else_is_read_again(
 
 
 @sync
+async def test_a_malformed_slice_on_the_server_is_replaced(
+    server: FakeApiServer, make: Callable[..., Harness], tmp_path: Path
+) -> None:
+    node = SimNode(tmp_path)
+    node.add_npu(0)
+    server.slices[SLICE] = {
+        "metadata": {"name": SLICE, "resourceVersion": "5", "uid": "u"},
+        "spec": {"driver": DRIVER, "nodeName": NODE},  # no pool: not ours as written
+    }
+    harness = make(min_interval=0.05)
+    harness.publisher.update(scan(node))
+    await until(lambda: "pool" in server.slices[SLICE]["spec"], "the slice is rewritten")
+    assert list(devices(server)) == ["stc0"]
+
+
+@sync
 async def test_resync_puts_back_a_deleted_slice(
     server: FakeApiServer, make: Callable[..., Harness], tmp_path: Path
 ) -> None:

@@ -23,7 +23,8 @@ write and talks to the API through ``SliceApi`` (``kubeapi.py``).
 - Unhealthy NPUs are tainted ``NoSchedule`` where the API server keeps
   device taints. Whether it does is read from its answer to a write with a
   taint (a server without the DRADeviceTaints feature drops the field
-  silently); from then on Unhealthy NPUs are left out instead.
+  silently); from then on, until the agent restarts, Unhealthy NPUs are
+  left out instead.
 - API errors are one warning line per distinct problem; the write is
   retried with backoff, and the agent keeps serving.
 """
@@ -164,8 +165,10 @@ class SlicePublisher:
             self._wake.clear()
             try:
                 await self._publish()
-            except ApiError as error:
+            except Exception as error:  # an API error, or a slice we cannot read
                 self._known = False
+                if not isinstance(error, ApiError):
+                    log.debug("publishing ResourceSlice %s", self.slice_name, exc_info=True)
                 self._report(f"cannot publish ResourceSlice {self.slice_name}: {error}")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
@@ -191,8 +194,10 @@ class SlicePublisher:
             return
         generation = 1
         if current is not None:
-            generation = int(current["spec"]["pool"].get("generation", 0)) + 1
-            core.keep_taint_times(desired, current["spec"].get("devices") or [])
+            # A slice someone else wrote may lack fields: ours replaces it.
+            pool = (current.get("spec") or {}).get("pool") or {}
+            generation = int(pool.get("generation") or 0) + 1
+            core.keep_taint_times(desired, (current.get("spec") or {}).get("devices") or [])
         obj = core.slice_object(
             node_name=self.node_name,
             node_uid=self._node_uid or None,
@@ -227,7 +232,7 @@ class SlicePublisher:
     def _learn_taint_support(self, sent: list[dict[str, Any]], stored: dict[str, Any]) -> None:
         if not any(device.get("taints") for device in sent):
             return
-        kept = core.taints_kept(sent, stored["spec"].get("devices") or [])
+        kept = core.taints_kept(sent, (stored.get("spec") or {}).get("devices") or [])
         if kept != self.taints_supported:
             self.taints_supported = kept
             if not kept:
