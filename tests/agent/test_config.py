@@ -376,9 +376,13 @@ def test_mode_and_registration_are_parsed() -> None:
     )
     assert config.registration == "plugin-watcher"
     assert config.plugin_registry_dir == "/var/lib/k/plugins_registry"
-    dra = parse_config({"mode": "dra", "dra": {"stateDir": "/srv/dra"}})
+    dra = parse_config(
+        {"mode": "dra", "dra": {"stateDir": "/srv/dra", "sliceIntervalSeconds": 2.5}}
+    )
     assert dra.mode == "dra"
     assert dra.dra.state_dir == "/srv/dra"
+    assert dra.dra.slice_interval == 2.5
+    assert parse_config(None).dra.slice_interval == 1.0
     assert dra.registration == "plugin-watcher"
     assert parse_config(dra.to_mapping()) == dra
     # A DRA driver hands out CDI names: the spec sink must be on.
@@ -393,6 +397,14 @@ def test_mode_and_registration_are_parsed() -> None:
         ({"pluginRegistryDir": "plugins_registry"}, "pluginRegistryDir: must be an absolute"),
         ({"dra": {"stateDir": 3}}, "dra.stateDir: expected a string"),
         ({"dra": {"socket": "/x"}}, "dra.socket: unknown key"),
+        (
+            {"dra": {"sliceIntervalSeconds": 0.01}},
+            "dra.sliceIntervalSeconds: must be from 0.1 to 60 seconds, got 0.01",
+        ),
+        (
+            {"dra": {"sliceIntervalSeconds": "1s"}},
+            "dra.sliceIntervalSeconds: expected a number of seconds, got '1s'",
+        ),
         (
             {"mode": "dra", "registration": "kubelet-socket"},
             "registration: kubelet-socket is for mode device-plugin",

@@ -68,7 +68,10 @@ def test_agent_loads_the_rendered_config(scenario: Path, tmp_path: Path) -> None
         expected["registration"] = "plugin-watcher"  # the only way in mode dra
     # The DRA driver's own dir, beside plugins_registry.
     kubelet_root = values["pluginRegistryDir"].rpartition("/")[0]
-    expected["dra"] = {"stateDir": f"{kubelet_root}/plugins/npu.streamcomputing.com"}
+    expected["dra"] = {
+        "stateDir": f"{kubelet_root}/plugins/npu.streamcomputing.com",
+        "sliceIntervalSeconds": values["dra"]["sliceIntervalSeconds"],
+    }
     assert config.to_mapping() == expected
     assert config.uses_cdi == (dra or "cdi-cri" in values["deviceListStrategy"])
     # Every key the agent knows is written out, none it does not know.
@@ -117,6 +120,8 @@ def _intended(values: dict[str, Any]) -> dict[str, str | None]:
         "hpe_dir": "/host/hpe" if values["hpe"]["mode"] == "mapped" else None,
         "probe_address": f":{values['probes']['port']}",
         "node_name": NODE if values["mode"] == "dra" else None,
+        # In cluster the API server is found from the pod's own environment.
+        "kube_api_server": None,
     }
 
 

@@ -36,6 +36,9 @@ NEW_VERSIONS = sorted(
     {major_minor(v) for v in all_versions() if Version(v) >= Version("1.25")}, key=Version
 )
 VERSIONS = OLD_VERSIONS + NEW_VERSIONS
+# Mode dra's objects are resource.k8s.io/v1, which Kubernetes serves from 1.34
+# (mode dra needs it; tests/chart/test_chart_dra.py checks they are refused before).
+DRA_OLDEST = "1.34"
 OLD_REQUIREMENTS = Path(__file__).with_name("requirements-kubernetes-validate-old.txt")
 OLD_VENV = REPO / ".tools" / "kubernetes-validate-1.24"
 
@@ -106,9 +109,15 @@ def _old_problems(docs_by_version: dict[str, tuple[dict[str, Any], ...]]) -> lis
     return problems
 
 
+def _served(doc: dict[str, Any], version: str) -> bool:
+    api_version = str(doc["apiVersion"])
+    return not api_version.startswith("resource.k8s.io/") or Version(version) >= Version(DRA_OLDEST)
+
+
 def _docs(scenario: Path | None, version: str) -> tuple[dict[str, Any], ...]:
     files = [scenario] if scenario else []
-    return render(values_files=files, extra=["--kube-version", f"{version}.0"]).docs
+    docs = render(values_files=files, extra=["--kube-version", f"{version}.0"]).docs
+    return tuple(doc for doc in docs if _served(doc, version))
 
 
 def test_versions_span_oldest_supported_to_newest_known() -> None:

@@ -270,9 +270,18 @@ CASES = [
                 f"{DS}.volumes.7.name": "dra-state",
                 f"{DS}.volumes.7.hostPath.path": "/var/lib/kubelet/plugins/npu.streamcomputing.com",
                 f"{DS}.volumes.7.hostPath.type": "DirectoryOrCreate",
+                # the API: a token, the DRA objects, and checkov's one finding answered
+                f"{DS}.automountServiceAccountToken": True,
+                f"{DS_SKIP}skip11": ANY,
+                "DeviceClass/npu.streamcomputing.com:*": ANY,
+                "ClusterRole-dra:*": ANY,
+                "ClusterRoleBinding-dra:*": ANY,
+                "ValidatingAdmissionPolicy-own-node-slices:*": ANY,
+                "ValidatingAdmissionPolicyBinding-own-node-slices:*": ANY,
             }
         ),
     ),
+    Case("dra.sliceIntervalSeconds", {"dra": {"sliceIntervalSeconds": 2.5}}, _config()),
     Case(
         "image.repository",
         {"image": {"repository": "registry.example.com/stc-npu-agent"}},

@@ -36,6 +36,7 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -58,6 +59,9 @@ from stc_npu_agent.sinks import SinkSet
 from stc_npu_agent.state import DeviceState
 from stc_npu_agent.vendor_probe import health_sources
 from stc_npu_agent.watch import DirectoryWatcher
+
+if TYPE_CHECKING:
+    from stc_npu_agent.kubeapi import KubeApi  # mode dra only: lightkube loads lazily
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +178,7 @@ class Agent:
         *,
         node_name: str = "",
         claims: ClaimSource | None = None,
+        api: KubeApi | None = None,
     ) -> None:
         self.kubelet_dir = Path(kubelet_dir)
         self.kubelet_socket = self.kubelet_dir / KUBELET_SOCKET
@@ -193,14 +198,18 @@ class Agent:
             config,
             self.state,
             kubelet_dir=self.kubelet_dir,
+            sys_dir=Path(sys_dir),
             node_name=node_name or socket.gethostname(),
             claims=claims,
+            api=api,
             on_status=self._on_registration_status,
             other_agent_serving=self._other_agent_serving,
         )
         self.registrar = plan.registrar
         self.services = plan.services
         self.sinks = SinkSet(plan.sinks)
+        self.slices = plan.slices
+        self.api = api
         self.watcher: DirectoryWatcher  # needs the loop: made in run()
         self.instance: PluginInstance | None = None
         self.registered = False
@@ -341,6 +350,10 @@ class Agent:
         self.registrations += 1
         if instance is not None:
             instance.registered_at = time.monotonic()
+        if self.slices is not None:
+            # A starting kubelet deletes the slices of drivers it has not
+            # registered yet: read ours back and put it right.
+            self.slices.resync()
         log.info(
             "the kubelet registered %s (%s) as %s",
             self.config.advertised_resource,
@@ -391,6 +404,8 @@ class Agent:
             # After our own socket is gone: any socket of ours that still
             # answers is another agent's.
             self.sinks.stop()
+            if self.api is not None:
+                await self.api.close()
             self.watcher.stop()
             log.info("stopped")
         return self.exit_code
@@ -667,10 +682,12 @@ def run(
     probe_address: str | None = None,
     hpe_dir: str | None = None,
     node_name: str = "",
+    api: KubeApi | None = None,
 ) -> int:
     """Run the agent until SIGTERM/SIGINT; 0 on a clean stop, non-zero when
-    only a restart can help (the plugin dir unlinked)."""
-    agent = Agent(kubelet_dir, dev_dir, sys_dir, config, node_name=node_name)
+    only a restart can help (the plugin dir unlinked). ``api``: mode dra's
+    Kubernetes API (ResourceSlices, ResourceClaims)."""
+    agent = Agent(kubelet_dir, dev_dir, sys_dir, config, node_name=node_name, api=api)
     log.info(
         "stc-npu-agent starting: kubelet dir %s, dev dir %s, sys dir %s",
         kubelet_dir,

@@ -62,6 +62,13 @@ FLAGS = (
         "this node's Kubernetes name: the DRA driver's pool (default: the host name)",
     ),
     Flag(
+        "kube-api-server",
+        "STC_NPU_KUBE_API_SERVER",
+        None,
+        "mode dra: the Kubernetes API server's URL, used without credentials (a local or "
+        "test server; default: in-cluster, with the pod's ServiceAccount token)",
+    ),
+    Flag(
         "probe-address",
         "STC_NPU_PROBE_ADDRESS",
         None,
@@ -172,6 +179,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_agent(args: argparse.Namespace, config: Config) -> int:
     from stc_npu_agent.agent import run  # noqa: PLC0415  (keeps --help/--version light)
 
+    api = None
+    if config.mode == "dra":
+        # Only mode dra loads the API client (device-plugin mode never calls the API).
+        from stc_npu_agent.kubeapi import (  # noqa: PLC0415
+            KubeApi,
+            in_cluster_config,
+            server_config,
+        )
+        from stc_npu_agent.slices import ApiError  # noqa: PLC0415
+
+        try:
+            kube = (
+                server_config(args.kube_api_server) if args.kube_api_server else in_cluster_config()
+            )
+        except ApiError as error:
+            print(f"stc-npu-agent: mode dra: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        api = KubeApi(kube)
+
     return run(
         kubelet_dir=args.kubelet_dir,
         dev_dir=args.dev_dir,
@@ -180,6 +206,7 @@ def run_agent(args: argparse.Namespace, config: Config) -> int:
         probe_address=args.probe_address,
         hpe_dir=args.hpe_dir or config.hpe.host_path,
         node_name=args.node_name or "",
+        api=api,
     )
 
 

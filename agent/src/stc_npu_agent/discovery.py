@@ -181,8 +181,27 @@ def resolve_function(class_device: Path, devnum: str) -> _Function:
         vendor=_read_text(function / "vendor"),
         device=_read_text(function / "device"),
         address=function.name,
+        pcie_root=pcie_root(function),
     )
     return _Function(function, pci, kernel_name=kernel_name)
+
+
+def pcie_root(function: Path) -> str | None:
+    """The root complex of a resolved PCI function path: the ``pciDDDD:BB``
+    directory right under ``devices`` (``/sys/devices/pci0000:00/0000:00:01.0/
+    0000:03:00.0`` -> ``pci0000:00``), as the kubelet's own helpers name it."""
+    parts = function.parts
+    # The last such pair: the sysfs root itself may sit anywhere (a test tree).
+    for index in range(len(parts) - 2, -1, -1):
+        if parts[index] == "devices" and parts[index + 1].startswith("pci"):
+            return parts[index + 1]
+    return None
+
+
+def driver_version(sys_dir: str | Path, driver: str) -> str | None:
+    """The loaded kernel module's version (``/sys/module/<driver>/version``),
+    None when the module says none."""
+    return _read_text(Path(sys_dir) / "module" / driver / "version")
 
 
 def hpe_problem(config: Config, hpe_dir: Path) -> str | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
@@ -33,6 +33,10 @@ from stc_npu_agent.registration import (
 from stc_npu_agent.sinks import Sink, sinks_for
 from stc_npu_agent.state import DeviceState
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
+
+if TYPE_CHECKING:
+    from stc_npu_agent.kubeapi import KubeApi
+    from stc_npu_agent.slices import SlicePublisher
 
 SELF_CHECK_TIMEOUT = 5.0
 
@@ -123,6 +127,8 @@ class Plan:
     registrar: Registrar
     services: Services
     sinks: list[Sink]
+    # DRA mode with an API: the node's ResourceSlice (resync on registration).
+    slices: SlicePublisher | None = None
 
 
 def plan_for(
@@ -130,21 +136,34 @@ def plan_for(
     state: DeviceState,
     *,
     kubelet_dir: Path,
+    sys_dir: Path,
     node_name: str,
     claims: ClaimSource | None,
+    api: KubeApi | None,
     on_status: Callable[[bool, str], None],
     other_agent_serving: Callable[[], bool],
 ) -> Plan:
-    """The registrar, services and sinks ``config`` asks for."""
+    """The registrar, services and sinks ``config`` asks for. In DRA mode
+    ``api`` publishes the node's ResourceSlice and is the claim source unless
+    ``claims`` is given; without either, every claim is refused with a reason."""
     registry = Path(config.plugin_registry_dir)
     sinks = sinks_for(config, other_agent_serving)
     if config.mode == "dra":
         from stc_npu_agent.draplugin import DRA_SERVICES  # noqa: PLC0415
 
+        publisher = None
+        if api is not None:
+            from stc_npu_agent.kubeapi import slice_publisher  # noqa: PLC0415
+
+            publisher = slice_publisher(
+                api, node_name, sys_dir, min_interval=config.dra.slice_interval
+            )
+            sinks.append(publisher)
         return Plan(
             PluginWatcher(registry, DRA_PLUGIN_TYPE, DRA_DRIVER_NAME, DRA_SERVICES, on_status),
-            DraServices(state, config, claims or MissingClaimSource(), node_name),
+            DraServices(state, config, claims or api or MissingClaimSource(), node_name),
             sinks,
+            publisher,
         )
     registrar: Registrar
     if config.registration == "plugin-watcher":

@@ -47,32 +47,7 @@ def sinks_for(config: Config, other_agent_serving: Callable[[], bool]) -> list[S
                 Path(config.cdi.spec_dir), config.resource_name, config.hpe, other_agent_serving
             )
         )
-    if config.mode == "dra":
-        sinks.append(UnconfiguredSlicePublisher())
     return sinks
-
-
-class UnconfiguredSlicePublisher:
-    """The seam for the ResourceSlice publisher (DRA mode): it needs a
-    Kubernetes API client, which this agent does not have yet. Says so once."""
-
-    name = "resource-slices"
-
-    def __init__(self) -> None:
-        self.warned = False
-
-    def update(self, inventory: Inventory) -> None:
-        if not self.warned:
-            self.warned = True
-            log.warning(
-                "ResourceSlice publishing is not configured: the scheduler sees none of "
-                "this node's %d NPUs in DRA mode (claims allocated by other means are "
-                "still prepared)",
-                len(inventory.npus),
-            )
-
-    def stop(self) -> None:
-        return
 
 
 class SinkSet:

@@ -146,7 +146,7 @@ Argument: (dict "context" <map> "legacy" <bool string>).
 {{/*
 The agent's config file. Only resourceName, hpe, discovery,
 deviceListStrategy, stcSetDevices, cdi, health, sharing, mode, registration
-and pluginRegistryDir (and dra.stateDir, derived from it), written field by
+and pluginRegistryDir (and dra.stateDir, derived from it), dra, written field by
 field in a fixed order (the agent's own order; health as sorted YAML), so the
 file and its checksum depend only on these values. The discovery lists and
 the later sections came after 0.1.0: an upgrade with --reuse-values has
@@ -187,6 +187,7 @@ registration: {{ include "stc-npu.registration" . | quote }}
 pluginRegistryDir: {{ include "stc-npu.pluginRegistryDir" . | quote }}
 dra:
   stateDir: {{ include "stc-npu.draStateDir" . | quote }}
+  sliceIntervalSeconds: {{ dig "sliceIntervalSeconds" 1 (.Values.dra | default dict) }}
 {{- end -}}
 
 {{/*

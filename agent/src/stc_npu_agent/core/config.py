@@ -47,6 +47,10 @@ DEFAULT_PLUGIN_REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
 DRA_DRIVER_NAME = "npu.streamcomputing.com"
 # The kubelet's per-driver dir for a DRA driver's own files (the checkpoint).
 DEFAULT_DRA_STATE_DIR = f"/var/lib/kubelet/plugins/{DRA_DRIVER_NAME}"
+# dra.sliceIntervalSeconds: below 0.1 s a flapping NPU is a write storm; above
+# a minute the scheduler keeps placing pods on an NPU gone that long.
+MIN_SLICE_INTERVAL = 0.1
+MAX_SLICE_INTERVAL = 60.0
 
 DEFAULT_RESOURCE_NAME = "streamcomputing.com/npu"
 DEFAULT_HPE_PATH = "/usr/local/hpe"
@@ -174,6 +178,10 @@ class DraConfig:
     # Where the DRA driver keeps its checkpoint of prepared claims: a host
     # dir that outlives the agent's container.
     state_dir: str = DEFAULT_DRA_STATE_DIR
+    # The least time between two writes of the node's ResourceSlice: changes
+    # in between fold into the next write, so a flapping NPU on many nodes
+    # costs the API server at most one write per node per interval.
+    slice_interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -250,7 +258,10 @@ class Config:
             "mode": self.mode,
             "registration": self.registration,
             "pluginRegistryDir": self.plugin_registry_dir,
-            "dra": {"stateDir": self.dra.state_dir},
+            "dra": {
+                "stateDir": self.dra.state_dir,
+                "sliceIntervalSeconds": self.dra.slice_interval,
+            },
         }
 
 
@@ -637,6 +648,10 @@ _SECTIONS: dict[str, dict[str, tuple[Validator, str]]] = {
     },
     "dra": {
         "stateDir": (_absolute_path, "state_dir"),
+        "sliceIntervalSeconds": (
+            lambda key, value: _seconds(key, value, MIN_SLICE_INTERVAL, MAX_SLICE_INTERVAL),
+            "slice_interval",
+        ),
     },
 }
 _TOP_LEVEL: dict[str, tuple[Validator, str]] = {

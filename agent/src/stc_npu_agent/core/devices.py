@@ -74,6 +74,9 @@ class PciInfo:
     device: str | None = None
     address: str | None = None  # PCI bus/device/function, e.g. 0000:03:00.0
     driver: str | None = None  # the bound kernel driver; None: none bound
+    # The PCI root complex the function sits under (its first sysfs ancestor,
+    # e.g. pci0000:00): DRA's standard resource.kubernetes.io/pcieRoot.
+    pcie_root: str | None = None
 
 
 @dataclass(frozen=True)
