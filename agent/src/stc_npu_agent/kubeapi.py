@@ -14,6 +14,7 @@ the bench hand in a server URL instead.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,9 @@ ResourceClaim = create_namespaced_resource(
     "resource.k8s.io", "v1", "ResourceClaim", "resourceclaims"
 )
 Node = create_global_resource("", "v1", "Node", "nodes")
+
+# The HTTP library logs every request at info: the publisher says what matters.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 def in_cluster_config(service_account_dir: Path = SERVICE_ACCOUNT_DIR) -> KubeConfig:
