@@ -43,6 +43,7 @@ import grpc
 
 from stc_npu_agent.testing.dra import DraKubeletEmulator
 from stc_npu_agent.testing.fake_stc_smi import FakeStcSmi
+from stc_npu_agent.testing.fakeapi import FakeApiServer
 from stc_npu_agent.testing.kubelet import Device, KubeletEmulator
 from stc_npu_agent.testing.simnode import SimNode
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
@@ -657,8 +658,8 @@ class Bench:
     def dra_mode(self) -> None:
         """The agent process in DRA mode: RSS once registered, the health
         stream's reaction to an unplug, and the NodePrepareResources round trip
-        (with no Kubernetes API client configured every claim is refused, so
-        this is the path's floor: the API read comes on top)."""
+        of a claim the stand-in API server does not have (refused after its
+        read: the path without preparing devices)."""
         node = SimNode(self.root / "node-dra")
         for index in range(MAIN_NPUS):
             node.add_npu(index, numa_node=index // 4)
@@ -669,6 +670,8 @@ class Bench:
             f"dra:\n  stateDir: {self.root / 'dra-state'}\n"
             f"cdi:\n  specDir: {self.root / 'dra-cdi'}\n"
         )
+        api = FakeApiServer().start()
+        api.add_node("node-a")
         kubelet = DraKubeletEmulator(registry)
         kubelet.start()
         try:
@@ -678,7 +681,14 @@ class Bench:
                 node,
                 self.root / name,
                 env=self.env,
-                extra_args=["--config", str(config), "--node-name", "node-a"],
+                extra_args=[
+                    "--config",
+                    str(config),
+                    "--node-name",
+                    "node-a",
+                    "--kube-api-server",
+                    api.url,
+                ],
             )
             self.agents.append(agent)
             kubelet.wait_registered(DRA_DRIVER, timeout=WAIT)
@@ -729,11 +739,11 @@ class Bench:
                 answer = kubelet.prepare(DRA_DRIVER, [("bench", "c", f"uid-{call}")])
                 prepare.append((time.monotonic() - began) * 1000)
                 if not answer.claims[f"uid-{call}"].error:
-                    raise RuntimeError("a claim was prepared without a claim source")
+                    raise RuntimeError("a claim the API server does not have was prepared")
             self.add(
                 Result(
                     "dra_prepare_refused_ms",
-                    "NodePrepareResources round trip, 1 claim (refused: no API client)",
+                    "NodePrepareResources round trip, 1 claim (refused: not in the API)",
                     "ms",
                     prepare[5:],  # after 5 warm-up calls
                 )
@@ -748,6 +758,7 @@ class Bench:
             )
         finally:
             kubelet.stop()
+            api.close()
 
     def socket_deleted(self, kubelet: KubeletEmulator) -> None:
         samples = []
