@@ -5,6 +5,7 @@ resource.k8s.io/v1 (1.34+). And the DRA examples."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,14 @@ def test_examples_two_npus_on_one_numa_node_and_a_shared_claim() -> None:
         if c["resources"]["claims"] == [{"name": pod_claim["name"]}]
     ]
     assert len(users) == 2
+
+
+def test_checkov_skip_keys_are_unique_with_the_vendor_probe_on_too() -> None:
+    # The vendor probe's skips and mode dra's are both on here: a key used
+    # twice in one object's annotations would leave one of them unread.
+    text = render_dra(sets=("health.vendorProbe.enabled=true",)).text
+    for document in text.split("\n---"):
+        keys = re.findall(r"^\s*(checkov\.io/skip[0-9]+):", document, re.M)
+        assert len(keys) == len(set(keys)), keys
+    assert "checkov.io/skip7: CKV_K8S_16" in text  # the probe's, on
+    assert "CKV_K8S_38=mode dra only" in text  # the DRA driver's, on
