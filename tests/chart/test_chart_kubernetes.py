@@ -109,9 +109,13 @@ def _old_problems(docs_by_version: dict[str, tuple[dict[str, Any], ...]]) -> lis
     return problems
 
 
+# Mode dra's objects that an API server older than DRA_OLDEST cannot have
+# (ValidatingAdmissionPolicy is v1 from 1.30): mode dra is for 1.34+ only.
+DRA_ONLY_KINDS = {"DeviceClass", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+
+
 def _served(doc: dict[str, Any], version: str) -> bool:
-    api_version = str(doc["apiVersion"])
-    return not api_version.startswith("resource.k8s.io/") or Version(version) >= Version(DRA_OLDEST)
+    return doc["kind"] not in DRA_ONLY_KINDS or Version(version) >= Version(DRA_OLDEST)
 
 
 def _docs(scenario: Path | None, version: str) -> tuple[dict[str, Any], ...]:
