@@ -31,6 +31,7 @@ from pathlib import Path
 
 import grpc
 
+from stc_npu_agent import events
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import DeviceRules, HealthCheck
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
@@ -40,6 +41,7 @@ from stc_npu_agent.plugin import (
     StreamTracker,
     allocation_document,
 )
+from stc_npu_agent.sinks import SinkSet, sinks_for
 from stc_npu_agent.state import DeviceState
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
 from stc_npu_agent.watch import DirectoryWatcher
@@ -154,6 +156,8 @@ class Agent:
         sys_dir: str | Path,
         config: Config,
         checks: Sequence[HealthCheck] = (),
+        *,
+        hpe_dir: str | Path | None = None,
     ) -> None:
         self.kubelet_dir = Path(kubelet_dir)
         self.kubelet_socket = self.kubelet_dir / KUBELET_SOCKET
@@ -166,6 +170,15 @@ class Agent:
         # they can be made here, before run() starts the loop; the probes
         # may read the state from their thread before that.
         self.state = DeviceState(self.scanner, self.checks)
+        # Side effects that follow the inventory (the NFD feature file, ...).
+        self.sinks = SinkSet(
+            sinks_for(
+                config,
+                self._other_agent_serving,
+                sys_dir=Path(sys_dir),
+                hpe_dir=Path(hpe_dir) if hpe_dir is not None else None,
+            )
+        )
         self.watcher: DirectoryWatcher  # needs the loop: made in run()
         self.instance: PluginInstance | None = None
         self.registered = False
@@ -178,6 +191,7 @@ class Agent:
         self._reregister = asyncio.Event()
         self._kubelet_changed = asyncio.Event()
         self._reason = ""
+        self._cause = events.START  # of the next registration (a metric label)
 
     # --- what the probes read (from another thread: plain attribute reads) ---
 
@@ -220,11 +234,12 @@ class Agent:
 
     # --- signals ---
 
-    def request_reregister(self, reason: str) -> None:
+    def request_reregister(self, reason: str, cause: str) -> None:
         if self.registered:
             log.info("re-registering: %s", reason)
         self.registered = False
         self._reason = self._reason or reason
+        self._cause = self._cause or cause
         self._reregister.set()
 
     def stop(self) -> None:
@@ -252,18 +267,25 @@ class Agent:
         # (tests/reliability/test_plugin_dir_faults.py).
         if kubelet is not None and kubelet != self._seen_kubelet:
             self._kubelet_changed.set()
+            self.state.events.kubelet_seen(kubelet)
         self._seen_kubelet = kubelet
         if not self.registered or self.instance is None:
             return
         if kubelet is None:
-            self.request_reregister(f"{KUBELET_SOCKET} was removed (kubelet stopped)")
+            self.request_reregister(
+                f"{KUBELET_SOCKET} was removed (kubelet stopped)", events.KUBELET_STOPPED
+            )
         elif kubelet != self._registered_kubelet:
-            self.request_reregister(f"{KUBELET_SOCKET} was re-created (kubelet restart)")
+            self.request_reregister(
+                f"{KUBELET_SOCKET} was re-created (kubelet restart)", events.KUBELET_RESTART
+            )
         elif not self.instance.path.exists():
-            self.request_reregister(f"own socket {self.instance.name} was deleted")
+            self.request_reregister(
+                f"own socket {self.instance.name} was deleted", events.SOCKET_DELETED
+            )
 
     def _on_stream_lost(self) -> None:
-        self.request_reregister("the kubelet ended the ListAndWatch stream")
+        self.request_reregister("the kubelet ended the ListAndWatch stream", events.STREAM_ENDED)
 
     # --- the loop ---
 
@@ -274,16 +296,22 @@ class Agent:
         log.info("effective config: %s", json.dumps(self.config.to_mapping(), sort_keys=True))
         self.state.rescan()
         self._log_inventory()
+        self.sinks.update(self.state.inventory)  # before the first registration
         self.watcher = DirectoryWatcher(loop)
         self.watcher.add(self.scanner.dev_dir, self._on_dev_dir_event)
         self.watcher.add(self.kubelet_dir, self._on_kubelet_dir_event)
         ticker = asyncio.create_task(self._tick())
+        follower = asyncio.create_task(self.sinks.follow(self.state, TICK_SECONDS))
         try:
             await self._lifecycle()
         finally:
             ticker.cancel()
+            follower.cancel()
             if self.instance is not None:
                 await self.instance.close()
+            # After our own socket is gone: any socket of ours that still
+            # answers is another agent's.
+            self.sinks.stop()
             self.watcher.stop()
             log.info("stopped")
 
@@ -367,6 +395,7 @@ class Agent:
                 await self._await_register(call, kubelet)
         except (grpc.RpcError, OSError, RuntimeError) as error:
             log.warning("registration failed: %s", _describe_error(error))
+            self.state.events.registration_failed()
             await instance.close()
             return False
         self.instance = instance
@@ -374,6 +403,8 @@ class Agent:
         self.registered = True
         self.registrations += 1
         instance.registered_at = time.monotonic()
+        self.state.events.registered(self._cause, kubelet)
+        self._cause = ""
         log.info(
             "registered %s with the kubelet as %s in %.1f ms%s",
             self.config.resource_name,
@@ -439,6 +470,21 @@ class Agent:
                         path.unlink()
                         log.info("removed stale socket %s", entry.name)
 
+    def _other_agent_serving(self) -> bool:
+        """Whether a socket of ours other than this agent's answers in the kubelet dir."""
+        own = self.instance.name if self.instance is not None else None
+        try:
+            names = [entry.name for entry in os.scandir(self.kubelet_dir)]
+        except OSError:
+            return False
+        return any(
+            name != own
+            and name.startswith(SOCKET_PREFIX)
+            and name.endswith(SOCKET_SUFFIX)
+            and unix_socket_state(self.kubelet_dir / name) == "answers"
+            for name in names
+        )
+
     async def _tick(self) -> None:
         ticks = 0
         while True:
@@ -458,7 +504,8 @@ class Agent:
                 and time.monotonic() - instance.registered_at > STREAM_DEADLINE
             ):
                 self.request_reregister(
-                    f"the kubelet opened no ListAndWatch stream within {STREAM_DEADLINE:.0f} s"
+                    f"the kubelet opened no ListAndWatch stream within {STREAM_DEADLINE:.0f} s",
+                    events.NO_STREAM,
                 )
 
 
@@ -487,7 +534,7 @@ def run(
     hpe_dir: str | None = None,
 ) -> int:
     """Run the agent until SIGTERM/SIGINT; 0 on a clean stop."""
-    agent = Agent(kubelet_dir, dev_dir, sys_dir, config)
+    agent = Agent(kubelet_dir, dev_dir, sys_dir, config, hpe_dir=hpe_dir)
     log.info(
         "stc-npu-agent starting: kubelet dir %s, dev dir %s, sys dir %s",
         kubelet_dir,
@@ -503,7 +550,16 @@ def run(
         from stc_npu_agent.probes import ProbeServer  # noqa: PLC0415
 
         probes = ProbeServer(probe_address, agent)
+        if config.metrics.enabled:
+            from stc_npu_agent.metrics import AgentSource, Metrics  # noqa: PLC0415 (only when used)
+
+            metrics = Metrics()
+            metrics.watch(AgentSource(agent))
+            agent.state.events = metrics
+            probes.routes["/metrics"] = metrics.scrape
         probes.start()
+    elif config.metrics.enabled:
+        log.warning("metrics.enabled, but no probe address: /metrics is not served")
     try:
         asyncio.run(agent.run())
     finally:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 
 from stc_npu_agent.core.devices import DeviceRules, HealthCheck, Inventory, describe_changes
 from stc_npu_agent.discovery import DeviceScanner
+from stc_npu_agent.events import NO_EVENTS, AgentEvents
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,11 @@ class DeviceState:
         self.checks = tuple(checks)
         self.inventory = Inventory()
         self.rescans = 0
+        self.events: AgentEvents = NO_EVENTS
+        self.scanned_at = 0.0  # the last scan without error (Unix time)
         self._view: KubeletView = ()
         self._changed = asyncio.Event()
+        self._inventory_changed = asyncio.Event()
         self._rescan_pending = False
         # One timer per settle deadline: every rescan while an NPU settles
         # sees the same deadline, and must not add a timer of its own.
@@ -47,17 +52,24 @@ class DeviceState:
         self._rescan_pending = False
         self.rescans += 1
         observations = self.scanner.scan()
+        self.scanned_at = time.time()
         before = self.inventory
         loop = asyncio.get_running_loop()
         self.inventory = before.updated(
             observations, self.rules, self.checks, now=loop.time(), settle=SETTLE_SECONDS
         )
+        self.events.inventory_changed(before, self.inventory)
         settles_at = self.inventory.settles_at()
         if settles_at is not None and settles_at not in self._settle_timers:
             # Look again when a new NPU's settle time is over.
             self._settle_timers[settles_at] = loop.call_at(settles_at, self._settled, settles_at)
         for line in describe_changes(before, self.inventory):
             log.info("device %s", line)
+        if self.inventory != before:
+            # Sinks follow every change, also one the kubelet does not see
+            # (a node of an NPU that is Unhealthy already).
+            self._inventory_changed.set()
+            self._inventory_changed = asyncio.Event()
         view = kubelet_view(self.inventory)
         if view == self._view:
             return False
@@ -83,3 +95,7 @@ class DeviceState:
     def next_change(self) -> asyncio.Event:
         """The event the next change sets; take it before reading the state."""
         return self._changed
+
+    def next_inventory_change(self) -> asyncio.Event:
+        """Set by the next rescan that changes anything in the inventory."""
+        return self._inventory_changed
