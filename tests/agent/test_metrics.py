@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
@@ -251,8 +252,9 @@ def test_agent_serves_metrics_that_follow_what_happens(
     assert value(samples, "stc_npu_registered") == 1
 
     assert kubelet.allocate(RESOURCE, ["stc0"]).devices
-    with pytest.raises(Exception, match="INVALID_ARGUMENT|unknown"):
+    with pytest.raises(grpc.RpcError) as refused:
         kubelet.allocate(RESOURCE, ["stc9"])
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert kubelet.get_preferred_allocation(RESOURCE, ["stc0", "stc1", "stc2"], [], 2)
     name = "stc_npu_device_plugin_call_duration_seconds_count"
     samples = wait_for(
@@ -272,9 +274,11 @@ def test_agent_serves_metrics_that_follow_what_happens(
     kubelet.wait_registered(RESOURCE, after=first.index + 1)
     samples = wait_for(
         port,
-        lambda s: value(s, "stc_npu_registrations_total", cause="kubelet_restart")
-        + value(s, "stc_npu_registrations_total", cause="kubelet_stopped")
-        == 1,
+        lambda s: (
+            value(s, "stc_npu_registrations_total", cause="kubelet_restart")
+            + value(s, "stc_npu_registrations_total", cause="kubelet_stopped")
+            == 1
+        ),
         "the re-registration",
     )
     assert value(samples, "stc_npu_kubelet_restart_to_register_seconds_count") == 1
