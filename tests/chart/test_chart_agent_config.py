@@ -51,6 +51,15 @@ def test_agent_loads_the_rendered_config(scenario: Path, tmp_path: Path) -> None
 
     values = _values(scenario)
     expected = {key: values[key] for key in CONFIG_KEYS}
+    nfd = values["nfd"]
+    expected["metrics"] = {"enabled": values["metrics"]["enabled"]}
+    expected["nfd"] = {
+        "enabled": nfd["enabled"],
+        "featureFile": f"{nfd['hostPath']}/stc-npu",
+        "expirySeconds": nfd["expirySeconds"],
+        "models": nfd["models"],
+        "hpeVersionFile": nfd["hpeVersionFile"],
+    }
     assert config.to_mapping() == expected
     # Every key the agent knows is written out, none it does not know.
     assert yaml.safe_load(data["config.yaml"]) == config.to_mapping()

@@ -49,6 +49,16 @@ SCHEMA_ERRORS = [
     (["test.image.tagg=1"], r"tagg"),
     (["affinity.nodeAffinty.x=y"], r"nodeAffinty"),
     (["resources.request.cpu=1"], r"request"),
+    (["metrics.enabled=yes"], r"metrics[./]enabled"),
+    (["metrics.port=9100"], r"port"),
+    (["metrics.serviceMonitor.interval=often"], r"metrics[./]serviceMonitor[./]interval"),
+    (["metrics.podMonitor.labels.size=3"], r"metrics[./]podMonitor[./]labels"),
+    (["nfd.hostPath=features.d"], r"nfd[./]hostPath"),
+    (["nfd.expirySeconds=30"], r"nfd[./]expirySeconds"),
+    (["nfd.models.0x100=STCP920"], r"0x100|nfd[./]models"),
+    (["nfd.models.0x0100=STC P920"], r"nfd[./]models"),
+    (["nfd.hpeVersionFile=../version"], r"nfd[./]hpeVersionFile"),
+    (["nfd.hpeVersionFile=/version"], r"nfd[./]hpeVersionFile"),
 ]
 
 # templates/validate.yaml: combinations the schema cannot express.
@@ -63,6 +73,12 @@ TEMPLATE_ERRORS = [
     (["resourceName=npu.kubernetes.io/x"], r"resourceName: .*kubernetes\.io domain is reserved"),
     (["resourceName=requests.example.com/npu"], r"resourceName: .*requests\."),
     (["probes.port=9836"], r"probes\.port: 9836 is the vendor's npu-exporter port"),
+    (["metrics.service.enabled=true"], r"metrics\.service\.enabled: needs metrics\.enabled"),
+    (["metrics.podMonitor.enabled=true"], r"metrics\.podMonitor\.enabled: needs metrics\.enabled"),
+    (
+        ["metrics.enabled=true", "metrics.serviceMonitor.enabled=true"],
+        r"metrics\.serviceMonitor\.enabled: needs metrics\.service\.enabled",
+    ),
 ]
 
 

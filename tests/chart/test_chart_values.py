@@ -36,6 +36,8 @@ TEST = "Pod:spec.containers.0"
 DS_SKIP = "DaemonSet:metadata.annotations.checkov.io/"
 TEST_SKIP = "Pod:metadata.annotations.checkov.io/"
 DIGEST = "sha256:" + "ab" * 32
+MONITOR = {"enabled": True}
+NFD_DIR = "/etc/kubernetes/node-feature-discovery/features.d"
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,82 @@ CASES = [
             f"{C}.ports.0.containerPort": 9101,
         },
     ),
+    Case("metrics.enabled", {"metrics": {"enabled": True}}, _config()),
+    Case(
+        "metrics.service.enabled",
+        {"metrics": {"enabled": True, "service": {"enabled": True}}},
+        _config({"Service:*": ANY}),
+    ),
+    Case(
+        "metrics.serviceMonitor.enabled",
+        {"metrics": {"enabled": True, "service": {"enabled": True}, "serviceMonitor": MONITOR}},
+        _config({"Service:*": ANY, "ServiceMonitor:*": ANY}),
+    ),
+    Case(
+        "metrics.serviceMonitor.interval",
+        {"metrics": {"serviceMonitor": {"interval": "1m"}}},  # renders nothing while off
+    ),
+    Case(
+        "metrics.serviceMonitor.labels",
+        {"metrics": {"serviceMonitor": {"labels": {"release": "prometheus"}}}},
+    ),
+    Case(
+        "metrics.serviceMonitor.interval",
+        {
+            "metrics": {
+                "enabled": True,
+                "service": {"enabled": True},
+                "serviceMonitor": {**MONITOR, "interval": "1m"},
+            }
+        },
+        _config(
+            {
+                "Service:*": ANY,
+                "ServiceMonitor:*": ANY,
+                "ServiceMonitor:spec.endpoints.0.interval": "1m",
+            }
+        ),
+    ),
+    Case(
+        "metrics.podMonitor.enabled",
+        {"metrics": {"enabled": True, "podMonitor": MONITOR}},
+        _config({"PodMonitor:*": ANY}),
+    ),
+    Case("metrics.podMonitor.interval", {"metrics": {"podMonitor": {"interval": "1m"}}}),
+    Case(
+        "metrics.podMonitor.labels",
+        {"metrics": {"enabled": True, "podMonitor": {**MONITOR, "labels": {"team": "npu"}}}},
+        _config({"PodMonitor:*": ANY, "PodMonitor:metadata.labels.team": "npu"}),
+    ),
+    Case(
+        "nfd.enabled",
+        {"nfd": {"enabled": True}},
+        _config(
+            {
+                f"{C}.volumeMounts.5.name": "nfd-features",
+                f"{C}.volumeMounts.5.mountPath": NFD_DIR,
+                f"{DS}.volumes.5.name": "nfd-features",
+                f"{DS}.volumes.5.hostPath.path": NFD_DIR,
+                f"{DS}.volumes.5.hostPath.type": "DirectoryOrCreate",
+            }
+        ),
+    ),
+    Case("nfd.hostPath", {"nfd": {"hostPath": "/etc/nfd/features.d"}}, _config()),
+    Case(
+        "nfd.hostPath",
+        {"nfd": {"enabled": True, "hostPath": "/etc/nfd/features.d"}},
+        _config(
+            {
+                f"{C}.volumeMounts.5.*": ANY,
+                f"{C}.volumeMounts.5.mountPath": "/etc/nfd/features.d",
+                f"{DS}.volumes.5.*": ANY,
+                f"{DS}.volumes.5.hostPath.path": "/etc/nfd/features.d",
+            }
+        ),
+    ),
+    Case("nfd.expirySeconds", {"nfd": {"expirySeconds": 600}}, _config()),
+    Case("nfd.models", {"nfd": {"models": {"0x0200": "STCP950"}}}, _config()),
+    Case("nfd.hpeVersionFile", {"nfd": {"hpeVersionFile": "share/version.txt"}}, _config()),
     Case(
         "nodeSelector",
         {"nodeSelector": {"example.com/npu": "yes"}},

@@ -93,6 +93,33 @@ discovery:
   {{ $key }}: {{ get $.Values.discovery $key | toJson }}
 {{- end }}
 {{- end }}
+{{- $nfd := include "stc-npu.nfd" . | fromJson }}
+metrics:
+  enabled: {{ include "stc-npu.metrics" . | fromJson | dig "enabled" false }}
+nfd:
+  enabled: {{ $nfd.enabled }}
+  featureFile: {{ printf "%s/stc-npu" $nfd.hostPath | quote }}
+  expirySeconds: {{ int $nfd.expirySeconds }}
+  models: {{ $nfd.models | toJson }}
+  hpeVersionFile: {{ $nfd.hpeVersionFile | quote }}
+{{- end -}}
+
+{{/*
+The metrics and nfd values with their defaults, as JSON: an upgrade with
+--reuse-values from a release before them has neither, and must render.
+*/}}
+{{- define "stc-npu.metrics" -}}
+{{- $monitor := dict "enabled" false "interval" "30s" "labels" dict -}}
+{{- $defaults := dict "enabled" false "service" (dict "enabled" false) "serviceMonitor" $monitor "podMonitor" (deepCopy $monitor) -}}
+{{- mergeOverwrite $defaults (deepCopy (.Values.metrics | default dict)) | toJson -}}
+{{- end -}}
+
+{{- define "stc-npu.nfd" -}}
+{{- $defaults := dict "enabled" false "hostPath" "/etc/kubernetes/node-feature-discovery/features.d" "expirySeconds" 300 "models" (dict "0x0100" "STCP920") "hpeVersionFile" "version" -}}
+{{- $nfd := deepCopy (.Values.nfd | default dict) -}}
+{{- /* A map of the user's: theirs replaces ours whole (merging would keep 0x0100). */ -}}
+{{- if hasKey $nfd "models" }}{{ $_ := set $defaults "models" (dict) }}{{ end -}}
+{{- mergeOverwrite $defaults $nfd | toJson -}}
 {{- end -}}
 
 {{/*
