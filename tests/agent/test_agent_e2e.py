@@ -87,12 +87,18 @@ def test_allocate(
     assert [spec.host_path for spec in response.devices] == expected
     assert [spec.container_path for spec in response.devices] == expected
     assert {spec.permissions for spec in response.devices} == {"rw"}
-    assert dict(response.envs) == {"STC_NPU_DEVICES": ",".join(ordered)}
     mounts = [(m.host_path, m.container_path, m.read_only) for m in response.mounts]
+    assert not response.cdi_devices  # device-specs, the default, alone
     if mode == "mapped":
         assert mounts == [("/opt/hpe", "/usr/local/hpe", True)]
+        assert dict(response.envs) == {
+            "STC_NPU_DEVICES": ",".join(ordered),
+            "LD_LIBRARY_PATH": "/usr/local/hpe/lib",
+            "RISCV": "/usr/local/hpe",
+        }
     else:
         assert mounts == []
+        assert dict(response.envs) == {"STC_NPU_DEVICES": ",".join(ordered)}
 
 
 def test_refused_ids_keep_the_agent_serving(

@@ -52,7 +52,13 @@ def test_one_npu_mapped() -> None:
     ]
     assert all(spec == DeviceSpec(spec.host_path, spec.host_path, "rw") for spec in plan.devices)
     assert plan.mounts == (Mount("/usr/local/hpe", "/opt/hpe", read_only=True),)
-    assert dict(plan.envs) == {DEVICES_ENV: "stc1"}
+    # The HPE runtime's env, for HPE where the container sees it.
+    assert dict(plan.envs) == {
+        DEVICES_ENV: "stc1",
+        "LD_LIBRARY_PATH": "/opt/hpe/lib",
+        "RISCV": "/opt/hpe",
+    }
+    assert plan.cdi_devices == ()
 
 
 def test_two_npus_unmapped_is_the_union_without_mount() -> None:

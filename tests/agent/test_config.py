@@ -206,3 +206,70 @@ def test_load_config_directory_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path)
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "absent.yaml")
+
+
+# --- device delivery: deviceListStrategy, stcSetDevices, cdi ---
+
+
+def test_delivery_defaults() -> None:
+    config = parse_config(None)
+    assert config.device_list_strategy == ("device-specs",)
+    assert config.stc_set_devices == "none"
+    assert config.cdi.spec_dir == "/var/run/cdi"
+    assert not config.uses_cdi
+
+
+def test_delivery_keys_are_parsed() -> None:
+    config = parse_config(
+        {
+            "deviceListStrategy": ["cdi-cri", "device-specs"],
+            "stcSetDevices": "local",
+            "cdi": {"specDir": "/run/test/cdi"},
+        }
+    )
+    assert config.device_list_strategy == ("cdi-cri", "device-specs")
+    assert config.stc_set_devices == "local"
+    assert config.cdi.spec_dir == "/run/test/cdi"
+    assert config.uses_cdi
+    assert parse_config(config.to_mapping()) == config
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"deviceListStrategy": []}, "deviceListStrategy: must name at least one of"),
+        ({"deviceListStrategy": "cdi-cri"}, "deviceListStrategy: expected a list of"),
+        ({"deviceListStrategy": None}, "deviceListStrategy: expected a list of"),
+        (
+            {"deviceListStrategy": ["cdi-cri", "cdi-cri"]},
+            "deviceListStrategy: cdi-cri listed more than once",
+        ),
+        (
+            {"deviceListStrategy": ["device-specs", "cdi-annotations"]},
+            "deviceListStrategy: unknown strategy 'cdi-annotations' (known: device-specs, cdi-cri)",
+        ),
+        ({"deviceListStrategy": [1]}, "unknown strategy a number (1)"),
+        ({"stcSetDevices": "all"}, "stcSetDevices: expected one of none, global, local, got 'all'"),
+        ({"stcSetDevices": False}, "stcSetDevices: expected one of none, global, local"),
+        ({"cdi": {"specDir": "cdi"}}, "cdi.specDir: must be an absolute path"),
+        ({"cdi": {"dir": "/etc/cdi"}}, "cdi.dir: unknown key"),
+        ({"cdi": "/etc/cdi"}, "cdi: expected a mapping"),
+        (
+            {"deviceListStrategy": ["cdi-cri"], "resourceName": "3com.example/npu"},
+            "deviceListStrategy: cdi-cri names devices by the CDI kind '3com.example/npu'",
+        ),
+        (
+            {"deviceListStrategy": ["cdi-cri"], "resourceName": "example.com/2npu"},
+            "class '2npu' must start with a letter",
+        ),
+    ],
+)
+def test_bad_delivery_is_refused_in_one_line(document: object, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_resource_name_cdi_refuses_is_fine_without_cdi() -> None:
+    assert parse_config({"resourceName": "3com.example/npu"}).resource_name == "3com.example/npu"

@@ -156,7 +156,7 @@ def test_allocate_answer_comes_from_the_running_agent(
     assert answers["stc3"]["source"] == "agent"
     assert "stc3: missing stc3" in answers["stc3"]["error"]["message"]
     assert answers["stc0"]["source"] == "agent"
-    assert answers["stc0"]["envs"] == {"STC_NPU_DEVICES": "stc0"}
+    assert answers["stc0"]["envs"]["STC_NPU_DEVICES"] == "stc0"
     text = diagnose(node, kubelet_dir, "--probe-address", probe, "--allocate", "stc0").stdout
     assert "Allocate [stc0] answered by the running agent (from http://" in text
     # Asking is no Allocate: the kubelet's record and the agent's log stay as they were.
@@ -169,7 +169,7 @@ def test_allocate_without_the_agent_says_it_is_a_one_shot_scan(
     result = diagnose(node, kubelet_dir, "--json", "--allocate", "stc0")
     answer = json.loads(result.stdout)["allocate"]["stc0"]
     assert answer["source"] == "scan"
-    assert answer["envs"] == {"STC_NPU_DEVICES": "stc0"}
+    assert answer["envs"]["STC_NPU_DEVICES"] == "stc0"
     text = diagnose(node, kubelet_dir, "--allocate", "stc0").stdout
     assert "Allocate [stc0] would answer, by a one-shot scan (no probe address" in text
 
@@ -191,3 +191,22 @@ def test_impostors_are_named(tmp_path: Path, node: SimNode, kubelet_dir: Path) -
     assert "stc1 is Unhealthy: stc1: PCI 0000:04:00.0 is bound to vfio-pci, not stc" in problems
     stc1 = next(npu for npu in report["npus"] if npu["id"] == "stc1")
     assert stc1["pci"]["driver"] == "vfio-pci"
+
+
+def test_cdi_answer_and_a_missing_spec(tmp_path: Path, node: SimNode, kubelet_dir: Path) -> None:
+    spec_dir = tmp_path / "cdi"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"deviceListStrategy: [cdi-cri]\nstcSetDevices: global\ncdi:\n  specDir: {spec_dir}\n"
+    )
+    args = ("--config", str(config), "--allocate", "stc1")
+    out = diagnose(node, kubelet_dir, *args, hpe_dir=hpe_install(tmp_path)).stdout
+    assert "  cdi    streamcomputing.com/npu=stc1" in out
+    assert "  env    STC_SET_DEVICES=4,5,6,7" in out
+    assert "  device " not in out  # cdi-cri alone: no DeviceSpecs
+    missing = f"the CDI spec {spec_dir}/streamcomputing.com-npu.json is missing"
+    assert missing in out
+
+    spec_dir.mkdir()
+    (spec_dir / "streamcomputing.com-npu.json").write_text("{}")
+    assert missing not in diagnose(node, kubelet_dir, *args).stdout

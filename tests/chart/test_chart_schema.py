@@ -49,6 +49,12 @@ SCHEMA_ERRORS = [
     (["test.image.tagg=1"], r"tagg"),
     (["affinity.nodeAffinty.x=y"], r"nodeAffinty"),
     (["resources.request.cpu=1"], r"request"),
+    (["deviceListStrategy={cdi}"], r"deviceListStrategy"),
+    (["deviceListStrategy={cdi-cri,cdi-cri}"], r"deviceListStrategy"),
+    (["deviceListStrategy=cdi-cri"], r"deviceListStrategy"),  # a string, not a list
+    (["stcSetDevices=all"], r"stcSetDevices"),
+    (["cdi.specDir=var/run/cdi"], r"cdi[./]specDir"),
+    (["cdi.specdir=/var/run/cdi"], r"specdir"),
     (["metrics.enabled=yes"], r"metrics[./]enabled"),
     (["metrics.port=9100"], r"port"),
     (["metrics.serviceMonitor.interval=often"], r"metrics[./]serviceMonitor[./]interval"),
@@ -73,6 +79,20 @@ TEMPLATE_ERRORS = [
     (["resourceName=npu.kubernetes.io/x"], r"resourceName: .*kubernetes\.io domain is reserved"),
     (["resourceName=requests.example.com/npu"], r"resourceName: .*requests\."),
     (["probes.port=9836"], r"probes\.port: 9836 is the vendor's npu-exporter port"),
+    (
+        ["deviceListStrategy={cdi-cri}", "resourceName=3com.example/npu"],
+        r"deviceListStrategy: cdi-cri uses resourceName \"3com\.example/npu\" as the CDI kind",
+    ),
+    (
+        ["deviceListStrategy={device-specs,cdi-cri}", "resourceName=example.com/2npu"],
+        r"vendor and class must each start with a letter",
+    ),
+    (
+        ["deviceListStrategy={cdi-cri}", "cdi.specDir=/var/lib/kubelet/device-plugins"],
+        r"cdi\.specDir: .* overlaps \"/var/lib/kubelet/device-plugins\"",
+    ),
+    (["deviceListStrategy={cdi-cri}", "cdi.specDir=/host/dev/cdi"], r"cdi\.specDir: .*/host/dev"),
+    (["deviceListStrategy={cdi-cri}", "cdi.specDir=/etc"], r"cdi\.specDir: .*/etc/stc-npu"),
     (["metrics.service.enabled=true"], r"metrics\.service\.enabled: needs metrics\.enabled"),
     (["metrics.podMonitor.enabled=true"], r"metrics\.podMonitor\.enabled: needs metrics\.enabled"),
     (
@@ -119,6 +139,18 @@ def test_install_refuses_too(helm: str) -> None:
         )
     assert result.returncode != 0
     assert re.search(r"hpe[./]mode", result.stdout + result.stderr)
+
+
+def test_an_empty_device_list_strategy_is_refused(helm: str, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text("deviceListStrategy: []\n", encoding="utf-8")
+    assert re.search(r"deviceListStrategy", render_error(helm, values_files=[values]))
+
+
+def test_without_cdi_cri_the_spec_dir_is_not_checked(helm: str) -> None:
+    # Not mounted, nothing written: any absolute path will do.
+    run = run_helm(helm, ["template", "x", str(CHART), "--set", "cdi.specDir=/etc"])
+    assert run.returncode == 0, run.stderr
 
 
 def test_set_null_on_a_required_key_is_refused(helm: str) -> None:

@@ -11,13 +11,14 @@ the same name and selector, or `helm upgrade` breaks installed clusters.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.chart.chartkit import render, run_helm, template_args
+from tests.chart.chartkit import CHART, render, run_helm, template_args
 
 PREVIOUS = Path(__file__).parent / "previous"
 RELEASES = sorted(PREVIOUS.glob("values-*.yaml"))
@@ -59,3 +60,22 @@ def test_selector_ignores_every_value() -> None:
     sets = ["podLabels.team=x", "image.tag=9.9.9", "resourceName=example.com/npu"]
     changed = render(sets=sets).kind("DaemonSet")["spec"]["selector"]
     assert changed == render().kind("DaemonSet")["spec"]["selector"]
+
+
+@pytest.mark.parametrize("values_file", RELEASES, ids=[p.stem for p in RELEASES])
+def test_reuse_values_renders_the_defaults_of_new_keys(
+    helm: str, values_file: Path, tmp_path: Path
+) -> None:
+    # `helm upgrade --reuse-values` (helm 3) renders the new templates with
+    # the old release's values: keys added since are absent, not defaulted.
+    chart = tmp_path / "stc-npu"
+    shutil.copytree(CHART, chart)
+    shutil.copy(values_file, chart / "values.yaml")
+    result = run_helm(helm, ["template", "stc-npu", str(chart), "--namespace", "kube-system"])
+    assert result.returncode == 0, f"old values refused by the new templates:\n{result.stderr}"
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    (config_map,) = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    assert config["deviceListStrategy"] == ["device-specs"]
+    assert config["stcSetDevices"] == "none"
+    assert config["cdi"] == {"specDir": "/var/run/cdi"}

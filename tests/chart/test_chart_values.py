@@ -105,6 +105,40 @@ CASES = [
     Case("discovery.pciVendors", {"discovery": {"pciVendors": ["0x23e2", "0x1e3a"]}}, _config()),
     Case("discovery.drivers", {"discovery": {"drivers": ["stc", "stc_next"]}}, _config()),
     Case(
+        "deviceListStrategy",
+        {"deviceListStrategy": ["cdi-cri"]},
+        _config(
+            {  # the spec dir, read-write, after the chart's other mounts
+                f"{C}.volumeMounts.5.name": "cdi-specs",
+                f"{C}.volumeMounts.5.mountPath": "/var/run/cdi",
+                f"{DS}.volumes.5.name": "cdi-specs",
+                f"{DS}.volumes.5.hostPath.path": "/var/run/cdi",
+                f"{DS}.volumes.5.hostPath.type": "DirectoryOrCreate",
+            }
+        ),
+    ),
+    Case(
+        "deviceListStrategy",
+        {"deviceListStrategy": ["device-specs", "cdi-cri"]},
+        _config({f"{C}.volumeMounts.5.*": ANY, f"{DS}.volumes.5.*": ANY}),
+    ),
+    Case("stcSetDevices", {"stcSetDevices": "local"}, _config()),
+    # Without cdi-cri the agent writes no spec: config only, nothing mounted.
+    Case("cdi.specDir", {"cdi": {"specDir": "/etc/cdi"}}, _config()),
+    Case(
+        "cdi.specDir",
+        {"deviceListStrategy": ["cdi-cri"], "cdi": {"specDir": "/etc/cdi"}},
+        _config(
+            {
+                f"{C}.volumeMounts.5.name": "cdi-specs",
+                f"{C}.volumeMounts.5.mountPath": "/etc/cdi",
+                f"{DS}.volumes.5.name": "cdi-specs",
+                f"{DS}.volumes.5.hostPath.path": "/etc/cdi",
+                f"{DS}.volumes.5.hostPath.type": "DirectoryOrCreate",
+            }
+        ),
+    ),
+    Case(
         "image.repository",
         {"image": {"repository": "registry.example.com/stc-npu-agent"}},
         {f"{C}.image": "registry.example.com/stc-npu-agent:0.1.0"},
@@ -471,6 +505,16 @@ def test_only_the_kubelet_dir_is_writable(default: Render) -> None:
     assert mounts["host-sys"]["mountPath"] == "/host/sys"  # never over the container's /sys
     assert volumes["host-hpe"]["hostPath"] == {"path": "/usr/local/hpe"}
     assert mounts["host-hpe"]["mountPath"] == "/host/hpe"
+
+
+def test_with_cdi_cri_the_spec_dir_is_writable_too() -> None:
+    rendered = render(sets=["deviceListStrategy={cdi-cri}"])
+    mounts = {mount["name"]: mount for mount in agent_container(rendered)["volumeMounts"]}
+    writable = {name for name, mount in mounts.items() if not mount.get("readOnly", False)}
+    assert writable == {"kubelet-device-plugins", "cdi-specs"}
+    assert mounts["cdi-specs"]["mountPath"] == "/var/run/cdi"  # the host's path, as configured
+    config = yaml.safe_load(rendered.kind("ConfigMap")["data"]["config.yaml"])
+    assert config["cdi"]["specDir"] == mounts["cdi-specs"]["mountPath"]
 
 
 def test_agent_env_points_at_the_mounts(default: Render) -> None:

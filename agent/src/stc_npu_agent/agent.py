@@ -32,6 +32,7 @@ from pathlib import Path
 import grpc
 
 from stc_npu_agent import events
+from stc_npu_agent.core.allocation import Delivery
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import DeviceRules, HealthCheck
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
@@ -111,7 +112,8 @@ class PluginInstance:
         self._state = state
         self._server = grpc.aio.server()
         api_pb2_grpc.add_DevicePluginServicer_to_server(
-            DevicePluginService(state, config.hpe, self.streams), self._server
+            DevicePluginService(state, config.hpe, self.streams, Delivery.from_config(config)),
+            self._server,
         )
         self.registered_at = 0.0
 
@@ -170,7 +172,7 @@ class Agent:
         # they can be made here, before run() starts the loop; the probes
         # may read the state from their thread before that.
         self.state = DeviceState(self.scanner, self.checks)
-        # Side effects that follow the inventory (the NFD feature file, ...).
+        # Side effects that follow the inventory (the CDI spec, the NFD feature file).
         self.sinks = SinkSet(
             sinks_for(
                 config,
@@ -230,7 +232,13 @@ class Agent:
     def allocation(self, ids: Sequence[str]) -> dict[str, object]:
         """What Allocate would answer for ``ids`` now (the probes' /allocate,
         for `diagnose --allocate`): reads only, no log line, no rescan."""
-        return allocation_document(self.state.inventory, self.scanner, ids, self.config.hpe)
+        return allocation_document(
+            self.state.inventory,
+            self.scanner,
+            ids,
+            self.config.hpe,
+            Delivery.from_config(self.config),
+        )
 
     # --- signals ---
 

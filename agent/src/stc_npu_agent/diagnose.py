@@ -25,6 +25,7 @@ import grpc
 
 from stc_npu_agent import __version__
 from stc_npu_agent.agent import KUBELET_SOCKET, SOCKET_PREFIX, unix_socket_state
+from stc_npu_agent.core.allocation import Delivery, spec_file_name
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import DeviceRules, Inventory, PciInfo
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
@@ -83,6 +84,18 @@ def _agent_status(probe_address: str | None) -> tuple[dict[str, Any] | None, str
     return _get_json(f"{_probe_url(probe_address)}/status")
 
 
+def _cdi_problems(config: Config) -> list[str]:
+    if not config.uses_cdi:
+        return []
+    spec = Path(config.cdi.spec_dir) / spec_file_name(config.resource_name)
+    if spec.is_file():
+        return []
+    return [
+        f"deviceListStrategy has cdi-cri but the CDI spec {spec} is missing: "
+        "containers given CDI names cannot start"
+    ]
+
+
 def _allocation(
     device_id: str,
     agent: tuple[str, str] | None,
@@ -100,7 +113,9 @@ def _allocation(
         if answer is not None:
             return {**answer, "source": "agent", "sourceDetail": detail}
         why_not = detail
-    answer = allocation_document(inventory, scanner, [device_id], config.hpe)
+    answer = allocation_document(
+        inventory, scanner, [device_id], config.hpe, Delivery.from_config(config)
+    )
     return {**answer, "source": "scan", "sourceDetail": why_not}
 
 
@@ -194,6 +209,7 @@ def collect(paths: Paths, config: Config, allocate: Sequence[str] = ()) -> dict[
     hpe = hpe_problem(config, paths.hpe_dir)
     if hpe:
         problems.append(hpe)
+    problems += _cdi_problems(config)
 
     return {
         "version": __version__,
@@ -289,6 +305,7 @@ def _render_allocation(device_id: str, answer: dict[str, Any]) -> list[str]:
         lines.append(f"  mount  {mount['hostPath']} -> {mount['containerPath']} ({mode})")
     for key, value in sorted(answer["envs"].items()):
         lines.append(f"  env    {key}={value}")
+    lines += [f"  cdi    {name}" for name in answer.get("cdiDevices", [])]
     return lines
 
 

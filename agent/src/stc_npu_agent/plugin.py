@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -17,8 +18,10 @@ from typing import Any, TypeVar
 import grpc
 
 from stc_npu_agent.core.allocation import (
+    DEVICE_SPECS_ONLY,
     AllocationError,
     ContainerAllocation,
+    Delivery,
     ErrorKind,
     plan_allocation,
     preferred_allocation,
@@ -72,16 +75,21 @@ def allocate_response(plan: ContainerAllocation) -> api_pb2.ContainerAllocateRes
             )
             for spec in plan.devices
         ],
+        cdi_devices=[api_pb2.CDIDevice(name=name) for name in plan.cdi_devices],
     )
 
 
 def checked_allocation(
-    inventory: Inventory, scanner: DeviceScanner, ids: Sequence[str], hpe: HpeConfig
+    inventory: Inventory,
+    scanner: DeviceScanner,
+    ids: Sequence[str],
+    hpe: HpeConfig,
+    delivery: Delivery = DEVICE_SPECS_ONLY,
 ) -> ContainerAllocation:
     """The Allocate answer for one container: the core's plan, once every node
     it hands out is checked to still be the char device the scan saw (a node
     replaced since, e.g. by ``mknod``, is refused, not handed out rw)."""
-    plan = plan_allocation(inventory, ids, hpe)
+    plan = plan_allocation(inventory, ids, hpe, delivery)
     changed = [
         name
         for device_id in ids
@@ -97,11 +105,15 @@ def checked_allocation(
 
 
 def allocation_document(
-    inventory: Inventory, scanner: DeviceScanner, ids: Sequence[str], hpe: HpeConfig
+    inventory: Inventory,
+    scanner: DeviceScanner,
+    ids: Sequence[str],
+    hpe: HpeConfig,
+    delivery: Delivery = DEVICE_SPECS_ONLY,
 ) -> dict[str, Any]:
     """``checked_allocation`` as JSON-ready data: the answer, or the error."""
     try:
-        plan = checked_allocation(inventory, scanner, ids, hpe)
+        plan = checked_allocation(inventory, scanner, ids, hpe, delivery)
     except AllocationError as error:
         return {"error": {"code": error.kind.name, "message": error.message}}
     return {
@@ -118,6 +130,7 @@ def allocation_document(
             for m in plan.mounts
         ],
         "envs": dict(plan.envs),
+        "cdiDevices": list(plan.cdi_devices),
     }
 
 
@@ -169,10 +182,17 @@ class StreamTracker:
 
 
 class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
-    def __init__(self, state: DeviceState, hpe: HpeConfig, streams: StreamTracker) -> None:
+    def __init__(
+        self,
+        state: DeviceState,
+        hpe: HpeConfig,
+        streams: StreamTracker,
+        delivery: Delivery = DEVICE_SPECS_ONLY,
+    ) -> None:
         self.state = state
         self.hpe = hpe
         self.streams = streams
+        self.delivery = delivery
 
     async def GetDevicePluginOptions(
         self, request: api_pb2.Empty, context: grpc.aio.ServicerContext[object, object]
@@ -207,10 +227,13 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
         if not request.container_requests:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no container requests")
         responses = []
+        delivery = self._delivery()
         for container in request.container_requests:
             ids = list(container.devices_ids)
             try:
-                plan = checked_allocation(self.state.inventory, self.state.scanner, ids, self.hpe)
+                plan = checked_allocation(
+                    self.state.inventory, self.state.scanner, ids, self.hpe, delivery
+                )
             except AllocationError as error:
                 log.warning("Allocate refused: %s", error.message)
                 if error.kind is ErrorKind.FAILED_PRECONDITION:
@@ -220,13 +243,24 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
                     self.state.wake()
                 await context.abort(_GRPC_CODES[error.kind], error.message)
             log.info(
-                "Allocate %s: %d device nodes%s",
+                "Allocate %s: %d device nodes%s%s",
                 ",".join(sorted(ids)),
                 len(plan.devices),
                 ", HPE mounted read-only" if plan.mounts else "",
+                f", CDI {','.join(plan.cdi_devices)}" if plan.cdi_devices else "",
             )
             responses.append(allocate_response(plan))
         return api_pb2.AllocateResponse(container_responses=responses)
+
+    def _delivery(self) -> Delivery:
+        """The configured delivery, without CDI names while the spec that
+        resolves them is missing and DeviceSpecs can do alone."""
+        delivery = self.delivery
+        spec = delivery.cdi_spec_file
+        if delivery.device_specs and spec is not None and not os.path.isfile(spec):
+            log.warning("the CDI spec %s is missing: answering DeviceSpecs only", spec)
+            return delivery.without_cdi()
+        return delivery
 
     @reported
     async def GetPreferredAllocation(

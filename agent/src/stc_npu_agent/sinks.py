@@ -1,4 +1,5 @@
-"""Sinks: side effects that follow the inventory (e.g. the NFD feature file).
+"""Sinks: side effects that follow the inventory (the CDI spec file, the
+NFD feature file).
 
 The inventory is the hub; a sink turns the current inventory into one side
 effect outside the agent. The lifecycle runs every sink at start, on every
@@ -45,6 +46,14 @@ def sinks_for(
     stop whether another agent of ours serves this node (a rolling update's
     overlap), whose side effects must stay."""
     sinks: list[Sink] = []
+    if config.uses_cdi:
+        from stc_npu_agent.cdi import CdiSpecSink  # noqa: PLC0415 (only when used)
+
+        sinks.append(
+            CdiSpecSink(
+                Path(config.cdi.spec_dir), config.resource_name, config.hpe, other_agent_serving
+            )
+        )
     if config.nfd.enabled:
         from stc_npu_agent.nfd import NfdFeatureFile  # noqa: PLC0415 (only when used)
 

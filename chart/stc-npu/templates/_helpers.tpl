@@ -73,7 +73,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- end -}}
 
 {{/*
-The agent's config file. Only resourceName, hpe and discovery, written
+The agent's config file. Only resourceName, hpe, discovery,
+deviceListStrategy, stcSetDevices and cdi, written
 field by field in a fixed order (the agent's own order), so the file and
 its checksum depend only on these values. The discovery lists came after
 0.1.0: an upgrade with --reuse-values has none, and the agent's defaults
@@ -93,6 +94,13 @@ discovery:
   {{ $key }}: {{ get $.Values.discovery $key | toJson }}
 {{- end }}
 {{- end }}
+deviceListStrategy:
+{{- range include "stc-npu.deviceListStrategy" . | fromJsonArray }}
+  - {{ . | quote }}
+{{- end }}
+stcSetDevices: {{ .Values.stcSetDevices | default "none" | quote }}
+cdi:
+  specDir: {{ include "stc-npu.cdiSpecDir" . | quote }}
 {{- $nfd := include "stc-npu.nfd" . | fromJson }}
 metrics:
   enabled: {{ include "stc-npu.metrics" . | fromJson | dig "enabled" false }}
@@ -102,6 +110,24 @@ nfd:
   expirySeconds: {{ int $nfd.expirySeconds }}
   models: {{ $nfd.models | toJson }}
   hpeVersionFile: {{ $nfd.hpeVersionFile | quote }}
+{{- end -}}
+
+{{/*
+deviceListStrategy and cdi.specDir with their defaults. Keys added after
+0.1.0 may be absent: `helm upgrade --reuse-values` (helm 3) renders with the
+old release's values, not this chart's values.yaml.
+*/}}
+{{- define "stc-npu.deviceListStrategy" -}}
+{{- .Values.deviceListStrategy | default (list "device-specs") | toJson -}}
+{{- end -}}
+
+{{- define "stc-npu.cdiSpecDir" -}}
+{{- dig "specDir" "/var/run/cdi" (.Values.cdi | default dict) -}}
+{{- end -}}
+
+{{/* "true" when Allocate answers CDI names: the agent then writes the spec. */}}
+{{- define "stc-npu.usesCdi" -}}
+{{- if has "cdi-cri" (include "stc-npu.deviceListStrategy" . | fromJsonArray) -}}true{{- end -}}
 {{- end -}}
 
 {{/*

@@ -1,21 +1,50 @@
 """What a container gets for a set of NPU IDs, and which IDs to prefer.
 
-Pure: works on an Inventory and the HPE config. The kubelet never sends
+Pure: works on an Inventory and the config. The kubelet never sends
 unknown, unhealthy or duplicate IDs itself; refusing them here is the
 defence against races and other callers, and must never stop the agent.
+
+How the devices reach the container (``deviceListStrategy``):
+- ``device-specs``: DeviceSpecs for every node, the HPE mount and env in
+  mapped mode: the runtime needs nothing but the answer.
+- ``cdi-cri``: CDI device names (``streamcomputing.com/npu=stc0``); the
+  runtime takes the nodes, the HPE mount and the HPE env from the agent's CDI
+  spec (``core/cdi.py``). With cdi-cri alone the answer carries no
+  DeviceSpecs and no mount: the spec is the one source, as a DRA driver's
+  would be.
+- both: both, the same nodes and mount twice (runtimes replace a device or a
+  mount at the same container path, so the container sees each once).
+Env that describes the container's whole set of NPUs (``STC_NPU_DEVICES``,
+``STC_SET_DEVICES``) is always in the answer's env, whatever the strategy:
+only Allocate sees the set (see core/cdi.py for why a CDI spec cannot).
+
+``STC_SET_DEVICES`` (``stcSetDevices``) lists the NPC clusters the HPE
+runtime may use: list position = logical cluster ID, value = cluster ID as the
+runtime numbers it; cluster k of NPU N is 4·N+k on the host.
+- ``global``: host numbering, in NPU order: stc1 and stc3 give
+  ``4,5,6,7,12,13,14,15``. For a runtime that maps a cluster ID to
+  ``/dev/stc<ID/4>``: the container has its nodes at their host names.
+- ``local``: renumbered from 0 over the container's own NPUs in NPU order:
+  stc1 and stc3 give ``0,1,2,3,4,5,6,7``, where 0-3 are stc1's clusters and
+  4-7 stc3's. For a runtime that numbers the NPUs it can see from 0. The
+  device nodes keep their host names either way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
-from stc_npu_agent.core.config import HpeConfig
+from stc_npu_agent.core.config import Config, HpeConfig, StcSetDevices
 from stc_npu_agent.core.devices import Inventory, Npu
 
 # Lists the allocated NPU IDs inside the container, e.g. "stc0,stc2".
 DEVICES_ENV = "STC_NPU_DEVICES"
+# The HPE runtime's list of usable clusters (stcSetDevices).
+SET_DEVICES_ENV = "STC_SET_DEVICES"
+# An STCP920 has 4 NPC clusters; cluster k of NPU N is cluster 4·N+k.
+CLUSTERS_PER_NPU = 4
 # Device specs always name the host's /dev: the agent may see it elsewhere
 # (--dev-dir), the container runtime does not.
 HOST_DEV = "/dev"
@@ -53,6 +82,61 @@ class ContainerAllocation:
     devices: tuple[DeviceSpec, ...]
     mounts: tuple[Mount, ...]
     envs: tuple[tuple[str, str], ...]
+    # Fully qualified CDI device names (cdi-cri).
+    cdi_devices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How an answer names the devices: the config's deviceListStrategy,
+    stcSetDevices and, for cdi-cri, the CDI kind (the resource name)."""
+
+    device_specs: bool = True
+    cdi_kind: str | None = None
+    stc_set_devices: StcSetDevices = "none"
+    # The spec file that resolves the CDI names (cdi-cri only).
+    cdi_spec_file: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> Delivery:
+        uses_cdi = config.uses_cdi
+        return cls(
+            device_specs="device-specs" in config.device_list_strategy,
+            cdi_kind=config.resource_name if uses_cdi else None,
+            stc_set_devices=config.stc_set_devices,
+            cdi_spec_file=(
+                f"{config.cdi.spec_dir}/{spec_file_name(config.resource_name)}"
+                if uses_cdi
+                else None
+            ),
+        )
+
+    def without_cdi(self) -> Delivery:
+        """DeviceSpecs alone: for when the CDI spec is missing. A name the
+        runtime cannot resolve fails the whole container, which the
+        DeviceSpecs alone would start."""
+        return replace(self, cdi_kind=None)
+
+
+# Today's answer, and the default: DeviceSpecs only, no STC_SET_DEVICES.
+DEVICE_SPECS_ONLY = Delivery()
+
+
+def hpe_env(hpe: HpeConfig) -> tuple[tuple[str, str], ...]:
+    """The env the HPE runtime reads, as the vendor's images set it, for
+    HPE mounted at hpe.containerPath (mapped mode only)."""
+    if hpe.mode != "mapped":
+        return ()
+    return (("LD_LIBRARY_PATH", f"{hpe.container_path}/lib"), ("RISCV", hpe.container_path))
+
+
+def cluster_ids(npus: Sequence[Npu], mode: StcSetDevices) -> list[int]:
+    """STC_SET_DEVICES values for ``npus`` (in the order given), see above."""
+    if mode == "global":
+        return [CLUSTERS_PER_NPU * npu.index + k for npu in npus for k in range(CLUSTERS_PER_NPU)]
+    if mode == "local":
+        return list(range(CLUSTERS_PER_NPU * len(npus)))
+    return []
 
 
 def show_ids(ids: Sequence[str]) -> str:
@@ -89,12 +173,22 @@ def _resolve(inventory: Inventory, ids: Sequence[str], what: str) -> list[Npu]:
 
 
 def plan_allocation(
-    inventory: Inventory, ids: Sequence[str], hpe: HpeConfig
+    inventory: Inventory,
+    ids: Sequence[str],
+    hpe: HpeConfig,
+    delivery: Delivery = DEVICE_SPECS_ONLY,
 ) -> ContainerAllocation:
-    """Device nodes, mounts and env for one container asking for ``ids``."""
+    """Device nodes, mounts, env and CDI names for one container asking for ``ids``."""
     if not ids:
         raise AllocationError(ErrorKind.INVALID_ARGUMENT, "no device IDs in the request")
     npus = sorted(_resolve(inventory, ids, "device IDs"), key=lambda npu: (npu.index, npu.id))
+    envs = [(DEVICES_ENV, ",".join(npu.id for npu in npus))]
+    if delivery.stc_set_devices != "none":
+        clusters = cluster_ids(npus, delivery.stc_set_devices)
+        envs.append((SET_DEVICES_ENV, ",".join(str(cluster) for cluster in clusters)))
+    if not delivery.device_specs:
+        # cdi-cri alone: nodes, HPE mount and HPE env come from the CDI spec.
+        return ContainerAllocation((), (), tuple(envs), _cdi_names(npus, delivery))
     devices = tuple(
         DeviceSpec(f"{HOST_DEV}/{name}", f"{HOST_DEV}/{name}")
         for npu in npus
@@ -103,8 +197,23 @@ def plan_allocation(
     mounts = (
         (Mount(hpe.host_path, hpe.container_path, read_only=True),) if hpe.mode == "mapped" else ()
     )
-    envs = ((DEVICES_ENV, ",".join(npu.id for npu in npus)),)
-    return ContainerAllocation(devices=devices, mounts=mounts, envs=envs)
+    envs += hpe_env(hpe)
+    return ContainerAllocation(devices, mounts, tuple(envs), _cdi_names(npus, delivery))
+
+
+def spec_file_name(kind: str) -> str:
+    """The CDI spec's file name, one per kind: streamcomputing.com-npu.json."""
+    return kind.replace("/", "-") + ".json"
+
+
+def qualified_name(kind: str, device: str) -> str:
+    """The fully qualified CDI device name, e.g. streamcomputing.com/npu=stc0."""
+    return f"{kind}={device}"
+
+
+def _cdi_names(npus: Sequence[Npu], delivery: Delivery) -> tuple[str, ...]:
+    kind = delivery.cdi_kind
+    return () if kind is None else tuple(qualified_name(kind, npu.id) for npu in npus)
 
 
 def preferred_allocation(

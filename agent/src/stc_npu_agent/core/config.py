@@ -19,6 +19,15 @@ from stc_npu_agent.core import nfd
 
 HpeMode = Literal["mapped", "unmapped"]
 HPE_MODES: tuple[HpeMode, ...] = ("mapped", "unmapped")
+# How Allocate names a container's devices: DeviceSpecs (every runtime) or
+# CDI device names (runtimes with CDI: containerd 2.x, CRI-O).
+DeviceListStrategy = Literal["device-specs", "cdi-cri"]
+DEVICE_LIST_STRATEGIES: tuple[DeviceListStrategy, ...] = ("device-specs", "cdi-cri")
+# Whether (and how) Allocate sets STC_SET_DEVICES, the HPE runtime's list of
+# cluster IDs (see core/allocation.py for what each mode means).
+StcSetDevices = Literal["none", "global", "local"]
+STC_SET_DEVICES_MODES: tuple[StcSetDevices, ...] = ("none", "global", "local")
+DEFAULT_CDI_SPEC_DIR = "/var/run/cdi"
 
 DEFAULT_RESOURCE_NAME = "streamcomputing.com/npu"
 DEFAULT_HPE_PATH = "/usr/local/hpe"
@@ -74,6 +83,13 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class CdiConfig:
+    # Where the agent writes its CDI spec (only with deviceListStrategy
+    # cdi-cri): a directory the container runtime reads specs from.
+    spec_dir: str = DEFAULT_CDI_SPEC_DIR
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     # Serve Prometheus metrics at /metrics on the probe port.
     enabled: bool = False
@@ -95,8 +111,16 @@ class Config:
     resource_name: str = DEFAULT_RESOURCE_NAME
     hpe: HpeConfig = field(default_factory=HpeConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    device_list_strategy: tuple[DeviceListStrategy, ...] = ("device-specs",)
+    stc_set_devices: StcSetDevices = "none"
+    cdi: CdiConfig = field(default_factory=CdiConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     nfd: NfdConfig = field(default_factory=NfdConfig)
+
+    @property
+    def uses_cdi(self) -> bool:
+        """Allocate answers CDI device names, so the spec must be written."""
+        return "cdi-cri" in self.device_list_strategy
 
     def to_mapping(self) -> dict[str, Any]:
         """The effective config in the file's own shape (for the start-up log)."""
@@ -114,6 +138,9 @@ class Config:
                 "pciVendors": list(self.discovery.pci_vendors),
                 "drivers": list(self.discovery.drivers),
             },
+            "deviceListStrategy": list(self.device_list_strategy),
+            "stcSetDevices": self.stc_set_devices,
+            "cdi": {"specDir": self.cdi.spec_dir},
             "metrics": {"enabled": self.metrics.enabled},
             "nfd": {
                 "enabled": self.nfd.enabled,
@@ -157,6 +184,28 @@ def extended_resource_name_problem(name: str) -> str | None:
     return None
 
 
+_CDI_VENDOR_OR_CLASS = re.compile(r"[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
+
+
+def cdi_kind_problem(kind: str) -> str | None:
+    """Why CDI would refuse ``kind`` (``vendor/class``), or None.
+
+    Vendor and class each start with a letter, end with a letter or digit,
+    and hold only letters, digits, '_', '-' and '.' (a resource name's domain
+    may start with a digit: CDI's vendor may not).
+    """
+    vendor, slash, class_ = kind.partition("/")
+    if not slash or not vendor or not class_:
+        return "a CDI kind is vendor/class"
+    for part, what in ((vendor, "vendor"), (class_, "class")):
+        if not _CDI_VENDOR_OR_CLASS.fullmatch(part):
+            return (
+                f"{what} {part!r} must start with a letter, end with a letter or digit "
+                "and hold only letters, digits, '_', '-', '.'"
+            )
+    return None
+
+
 def _resource_name(key: str, value: object) -> str:
     text = _string(key, value)
     problem = extended_resource_name_problem(text)
@@ -185,6 +234,28 @@ def _absolute_path(key: str, value: object) -> str:
 def _hpe_mode(key: str, value: object) -> str:
     if value not in HPE_MODES:
         raise ConfigError(f"{key}: expected one of {', '.join(HPE_MODES)}, got {_describe(value)}")
+    return str(value)
+
+
+def _device_list_strategy(key: str, value: object) -> tuple[str, ...]:
+    known = ", ".join(DEVICE_LIST_STRATEGIES)
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of {known}, got {_describe(value)}")
+    if not value:
+        raise ConfigError(f"{key}: must name at least one of {known}")
+    for item in value:
+        if item not in DEVICE_LIST_STRATEGIES:
+            raise ConfigError(f"{key}: unknown strategy {_describe(item)} (known: {known})")
+    repeated = sorted({item for item in value if value.count(item) > 1})
+    if repeated:
+        raise ConfigError(f"{key}: {', '.join(repeated)} listed more than once")
+    return tuple(value)
+
+
+def _stc_set_devices(key: str, value: object) -> str:
+    if value not in STC_SET_DEVICES_MODES:
+        known = ", ".join(STC_SET_DEVICES_MODES)
+        raise ConfigError(f"{key}: expected one of {known}, got {_describe(value)}")
     return str(value)
 
 
@@ -400,6 +471,9 @@ _SECTIONS: dict[str, dict[str, tuple[Validator, str]]] = {
         "pciVendors": (_pci_vendors, "pci_vendors"),
         "drivers": (_drivers, "drivers"),
     },
+    "cdi": {
+        "specDir": (_absolute_path, "spec_dir"),
+    },
     "metrics": {
         "enabled": (_boolean, "enabled"),
     },
@@ -413,6 +487,8 @@ _SECTIONS: dict[str, dict[str, tuple[Validator, str]]] = {
 }
 _TOP_LEVEL: dict[str, tuple[Validator, str]] = {
     "resourceName": (_resource_name, "resource_name"),
+    "deviceListStrategy": (_device_list_strategy, "device_list_strategy"),
+    "stcSetDevices": (_stc_set_devices, "stc_set_devices"),
 }
 
 
@@ -455,11 +531,24 @@ def parse_config(raw: object) -> Config:
         **_section_values("discovery", raw.get("discovery"), _SECTIONS["discovery"])  # type: ignore[arg-type]
     )
     _check_required_members(discovery)
+    cdi = CdiConfig(**_section_values("cdi", raw.get("cdi"), _SECTIONS["cdi"]))  # type: ignore[arg-type]
     metrics = MetricsConfig(**_section_values("metrics", raw.get("metrics"), _SECTIONS["metrics"]))  # type: ignore[arg-type]
     nfd_config = NfdConfig(**_section_values("nfd", raw.get("nfd"), _SECTIONS["nfd"]))  # type: ignore[arg-type]
-    config = Config(hpe=hpe, discovery=discovery, metrics=metrics, nfd=nfd_config, **top)  # type: ignore[arg-type]
+    config = Config(hpe=hpe, discovery=discovery, cdi=cdi, metrics=metrics, nfd=nfd_config, **top)  # type: ignore[arg-type]
+    _check_combination(config)
+    return config
+
+
+def _check_combination(config: Config) -> None:
+    """Rules across keys: each value alone was valid."""
+    if config.uses_cdi:
+        problem = cdi_kind_problem(config.resource_name)
+        if problem:
+            raise ConfigError(
+                f"deviceListStrategy: cdi-cri names devices by the CDI kind "
+                f"{config.resource_name!r} (the resourceName), which CDI refuses: {problem}"
+            )
     if config.nfd.enabled:
         problem = nfd.label_name_problem(config.resource_name)
         if problem:
             raise ConfigError(f"resourceName: with nfd.enabled, {problem}")
-    return config
