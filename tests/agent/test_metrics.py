@@ -85,6 +85,7 @@ def test_gauges_are_read_from_the_agent_at_scrape_time(metrics: Metrics) -> None
 
 def test_build_info_and_every_cause_from_the_start(metrics: Metrics) -> None:
     samples = scrape(metrics)
+    assert not [name for name, _ in samples if name.endswith("_created")]
     info = [key for key in samples if key[0] == "stc_npu_build_info"]
     assert len(info) == 1
     assert dict(info[0][1])["version"] == __version__

@@ -27,6 +27,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -158,6 +159,10 @@ class Metrics(AgentEvents):
     """The agent's metrics: fed by its events, read by ``scrape``."""
 
     def __init__(self, labels: Mapping[str, str] | None = None) -> None:
+        # No *_created series beside every counter and histogram: they would
+        # double a scrape and say only when the agent started (process-wide,
+        # and this process has no other metrics).
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         registry = self.registry
         Info(f"{PREFIX}build", "The agent's version.", registry=registry).info(
