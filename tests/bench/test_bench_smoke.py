@@ -55,6 +55,9 @@ EXPECTED = {
     "scale_list_bytes",
     "storm_converged_after_last_op_ms",
     "scale_cold_start_to_list_ms",
+    # 10, 11. re-registration with a stale kubelet.sock, after bursts of restarts
+    "stale_restart_to_register_ms",
+    "burst_last_restart_to_register_ms",
     # Cost and exposure: a busy /dev, a flood of idle probe connections
     "dev_noise_cpu_percent",
     "dev_noise_unplug_to_unhealthy_ms",

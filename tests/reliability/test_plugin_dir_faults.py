@@ -1,7 +1,8 @@
 """Faults around the kubelet's plugin dir, on the real agent process: the
-dir deleted and made again, made unwritable, a wedged ``kubelet.sock``, and
-Register answering errors. Each: a clear log line, retries with bounded
-backoff, recovery when the fault clears."""
+dir deleted and made again (also behind a bind mount, as in the container),
+made unwritable, a wedged ``kubelet.sock``, and Register answering errors.
+Each: a clear log line, retries with bounded backoff, recovery when the
+fault clears (or, where only a restart helps, a clear exit)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,30 @@ def test_plugin_dir_deleted_and_made_again(
     (kubelet_dir / first.endpoint).unlink()
     registered_fully(kubelet, first.index + 1)
     assert agent.terminate() == 0
+
+
+def test_plugin_dir_made_anew_behind_a_bind_mount_exits(
+    kubelet: KubeletEmulator, kubelet_dir: Path, start_agent: AgentFactory
+) -> None:
+    """In the pod the plugin dir is a hostPath bind mount. When the host's
+    dir is deleted and made anew (a node reset), the mount keeps showing the
+    deleted directory: the new kubelet.sock never appears in it. Only a
+    container restart helps, so the agent exits non-zero and says why."""
+    in_container = kubelet_dir.parent / "mnt"  # short: unix socket paths
+    in_container.mkdir()
+    # A private mount namespace of the agent's own, like a container's.
+    bind = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+    prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", bind, "sh"]
+    agent = start_agent(
+        prefix=[*prefix, str(kubelet_dir), str(in_container)], kubelet_dir_override=in_container
+    )
+    registered_fully(kubelet, 0)
+    kubelet.stop()
+    shutil.rmtree(kubelet_dir)
+    kubelet.start()  # makes the dir anew on the "host"
+    assert agent.process.wait(WAIT) == 1
+    assert f"the plugin dir {in_container} was deleted" in agent.log()
+    assert "exiting so that a restart mounts the new one" in agent.log()
 
 
 def test_plugin_dir_unwritable(

@@ -263,22 +263,39 @@ def registered(
 # --- start ---------------------------------------------------------------
 
 
-def test_start_cleans_non_directories_but_keeps_dirs_and_checkpoint(plugin_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("version", "kept"),
+    [
+        # Up to 1.30: every non-directory entry but the checkpoint goes.
+        ("1.22", ["kubelet.sock", "kubelet_internal_checkpoint", "sub"]),
+        ("1.30", ["kubelet.sock", "kubelet_internal_checkpoint", "sub"]),
+        # From 1.31: sockets only (a symlink to one counts: stat follows it).
+        ("1.31", ["DEPRECATION", "kubelet.sock", "kubelet_internal_checkpoint", "notes", "sub"]),
+    ],
+)
+def test_start_cleans_the_plugin_dir(plugin_dir: Path, version: str, kept: list[str]) -> None:
     plugin_dir.mkdir(parents=True)
-    (plugin_dir / "old.sock").write_text("")
-    with socket.socket(socket.AF_UNIX) as s:
-        s.bind(str(plugin_dir / "real.sock"))
-    (plugin_dir / "kubelet.sock").write_text("stale")
+    (plugin_dir / "notes").write_text("")
+    for name in ("real.sock", "kubelet.sock"):  # a plugin's, a stopped kubelet's
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(plugin_dir / name))
     (plugin_dir / "DEPRECATION").write_text("")
-    os.symlink("old.sock", plugin_dir / "link")
     (plugin_dir / "sub").mkdir()
     (plugin_dir / "sub" / "keep.sock").write_text("")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(plugin_dir / "sub" / "target.sock"))
+    os.symlink("sub/target.sock", plugin_dir / "link")
+    os.symlink("missing.sock", plugin_dir / "dangling")
     checkpoint: dict[str, object] = {"Data": {"RegisteredDevices": {}, "PodDeviceEntries": []}}
     (plugin_dir / "kubelet_internal_checkpoint").write_text(json.dumps(checkpoint))
 
-    with KubeletEmulator(plugin_dir, version=NEW) as kube:
+    with KubeletEmulator(plugin_dir, version=version) as kube:
         names = sorted(p.name for p in plugin_dir.iterdir())
-        assert names == ["kubelet.sock", "kubelet_internal_checkpoint", "sub"]
+        # Dangling symlinks stay (stat fails); 1.18-1.25 make DEPRECATION again.
+        expected = sorted(
+            {*kept, "dangling"} | ({"DEPRECATION"} if kube.generation == "old" else set())
+        )
+        assert names == expected
         assert (plugin_dir / "sub" / "keep.sock").exists()
         assert stat.S_ISSOCK(os.stat(kube.socket_path).st_mode)
 
@@ -450,36 +467,54 @@ def test_stream_end_marks_unhealthy_and_is_never_reopened(h: Harness) -> None:
 
 
 @pytest.mark.parametrize("version", [OLD, NEW])
-def test_new_registration_replaces_old_and_cancels_its_stream(h: Harness, version: str) -> None:
+def test_new_registration_keeps_the_old_stream_open_and_counting(h: Harness, version: str) -> None:
+    """1.18 to 1.37: the new registration becomes the endpoint, but the old
+    stream stays open and its updates still replace the resource's list."""
     kube, first = registered(h, version)
     second = h.plugin("stc-2.sock", devices=[dev("e0"), dev("e1"), dev("e2")]).serve()
     register(kube, second.socket.name)
     reg = kube.wait_registered(RES, after=1, timeout=WAIT)
     assert reg.endpoint == "stc-2.sock"
-    first.wait(lambda: first.streams_cancelled == 1, "old stream cancelled by the kubelet")
     kube.wait_until(lambda: set(kube.devices(RES)) == {"e0", "e1", "e2"}, timeout=WAIT)
-    # The old stream's end does not touch the new registration (no bug).
-    time.sleep(0.2)  # room for a wrong tear-down to show up; not a timing assertion
-    assert kube.stream_open(RES)
-    assert kube.allocatable(RES) == 3
-    assert kube.allocate(RES, ["e1"]).envs["IDS"] == "e1"
+    assert first.streams_cancelled == 0
+    assert first.streams_opened == 1
+    assert kube.open_streams(RES) == 2
+
+    first.set_devices([dev("d9")])  # the old plugin still speaks for the resource
+    kube.wait_until(lambda: set(kube.devices(RES)) == {"d9"}, timeout=WAIT, what="old update")
+    assert kube.allocate(RES, ["e1"]).envs["IDS"] == "e1"  # the endpoint is the new one
     assert second.allocate_requests == [["e1"]]
     assert first.allocate_requests == []
 
+    # The old stream's end does not touch the new registration (no bug).
+    first.end_streams()
+    kube.wait_until(
+        lambda: any("stream #0" in event for event in kube.events()), timeout=WAIT, what="end"
+    )
+    assert kube.stream_open(RES)
+    assert kube.open_streams(RES) == 1
+    assert kube.allocatable(RES) == 1
+    second.set_devices([dev("e0"), dev("e1")])
+    kube.wait_until(lambda: kube.allocatable(RES) == 2, timeout=WAIT, what="new update")
+    assert kube.cut_offs() == 0
+
 
 def test_reregistration_bug_cuts_off_the_new_registration(h: Harness) -> None:
-    kube, _ = registered(h, NEW, reregistration_bug=True)
+    kube, first = registered(h, NEW, reregistration_bug=True)
     second = h.plugin("stc-2.sock").serve()
     register(kube, second.socket.name)  # while the old stream is still open
-    # Register returned, so registration #1 was installed with an open
-    # stream; the old stream's (cancelled) end then cuts it off.
+    kube.wait_registered(RES, after=1, timeout=WAIT)
+    assert kube.stream_open(RES)  # nothing happens while the old stream lives
+    first.end_streams()  # ... its end cuts off registration #1
     kube.wait_until(lambda: not kube.stream_open(RES), timeout=WAIT, what="cut-off")
+    assert kube.cut_offs() == 1
     assert kube.registrations[1].accepted
     assert kube.allocatable(RES) == 0
     with pytest.raises(KeyError):
         kube.options(RES)
     with pytest.raises(RuntimeError):
         kube.allocate(RES, ["d0"])
+    second.wait(lambda: second.streams_cancelled == 1, "the cut-off closed the new connection")
 
     # The defence: end the old stream first, then register: no cut-off.
     third = h.plugin("stc-3.sock").serve()
@@ -493,6 +528,34 @@ def test_reregistration_bug_cuts_off_the_new_registration(h: Harness) -> None:
     time.sleep(0.2)  # room for a wrong tear-down to show up; not a timing assertion
     assert kube.stream_open(RES)
     assert kube.allocatable(RES) == 2
+    assert kube.cut_offs() == 1
+
+
+def test_reregistration_bug_hits_the_client_of_a_register_still_dialing(h: Harness) -> None:
+    """1.26+ map the name to the new client when Register arrives: an old
+    stream ending during the new Register's dial disconnects that client.
+    Its endpoint is installed after the dial all the same (no cut-off), but
+    the name stays unmapped, so the end of ITS stream goes unnoticed."""
+    kube, first = registered(h, NEW, reregistration_bug=True)
+    second = h.plugin("stc-2.sock", devices=[dev("e0")])  # not serving yet
+    dialing = threading.Thread(target=register, args=(kube, second.socket.name))
+    dialing.start()
+    kube.wait_until(
+        lambda: any("dialing stc-2.sock" in event for event in kube.events()),
+        timeout=WAIT,
+        what="the second Register dialing",
+    )
+    first.end_streams()
+    kube.wait_until(lambda: kube.allocatable(RES) == 0, timeout=WAIT, what="disconnected")
+    second.serve()
+    dialing.join(WAIT)
+    kube.wait_registered(RES, after=1, timeout=WAIT)
+    assert kube.stream_open(RES)
+    assert kube.allocatable(RES) == 1
+    assert kube.cut_offs() == 0
+    second.end_streams()  # unnoticed: the name maps to no client
+    kube.wait_until(lambda: not kube.stream_open(RES), timeout=WAIT, what="stream #1 ended")
+    assert kube.allocatable(RES) == 1
 
 
 # --- restarts --------------------------------------------------------------
@@ -521,10 +584,14 @@ def test_restart_deletes_plugin_sockets_and_keeps_checkpoint(h: Harness, crash: 
     assert kube.allocatable(RES) == 2
 
 
-def test_crash_leaves_a_stale_socket_that_refuses_connections(h: Harness) -> None:
+@pytest.mark.parametrize("crash", [False, True])
+def test_every_stop_leaves_a_stale_socket_that_refuses_connections(h: Harness, crash: bool) -> None:
     kube, _ = registered(h)
-    kube.stop(crash=True)
+    serving = os.stat(kube.socket_path).st_ino
+    kube.stop(crash=crash)
     assert stat.S_ISSOCK(os.lstat(kube.socket_path).st_mode)
+    assert os.stat(kube.socket_path).st_ino == serving  # the same file, left behind
+    assert sorted(p.name for p in h.dir.iterdir() if p.name.startswith(".")) == []
     with socket.socket(socket.AF_UNIX) as s, pytest.raises(ConnectionRefusedError):
         s.connect(str(kube.socket_path))
     channel = grpc.insecure_channel(f"unix://{kube.socket_path}")
@@ -535,19 +602,18 @@ def test_crash_leaves_a_stale_socket_that_refuses_connections(h: Harness) -> Non
         )
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert kube.devices(RES) == {}
-    kube.start()
+    kube.start()  # removes the stale socket and listens anew
     plugin = h.plugin("again.sock").serve()
     register(kube, plugin.socket.name)
     kube.wait_registered(RES, after=1, timeout=WAIT)
 
 
-def test_graceful_stop_removes_socket_and_close_is_idempotent(h: Harness) -> None:
+def test_close_is_idempotent(h: Harness) -> None:
     kube, _ = registered(h)
-    kube.stop()
-    assert not os.path.lexists(kube.socket_path)
     kube.close()
     kube.close()
     assert not kube.running
+    assert kube.socket_path.is_socket()  # left behind, as by every stop
     with pytest.raises(RuntimeError, match="closed"):
         kube.start()
 

@@ -59,7 +59,8 @@ def test_hang_leaves_a_socket_that_accepts_but_never_answers(h: Harness) -> None
 def test_hang_also_works_on_a_stopped_kubelet_and_close_removes_it(h: Harness) -> None:
     kube = h.kubelet(NEW)
     kube.stop()
-    assert not kube.socket_path.exists()
+    with socket.socket(socket.AF_UNIX) as probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(str(kube.socket_path))  # stale
     kube.stop(hang=True)
     assert kube.socket_path.is_socket()
     with pytest.raises(ValueError, match="exclusive"):
@@ -88,10 +89,12 @@ def test_fail_register_refuses_until_cleared(h: Harness) -> None:
 
 
 def test_cut_offs_count_the_reregistration_bug(h: Harness) -> None:
-    kube, _ = registered(h, NEW, reregistration_bug=True)
+    kube, first = registered(h, NEW, reregistration_bug=True)
     assert kube.cut_offs() == 0
     second = h.plugin("stc-2.sock").serve()
     register(kube, second.socket.name)  # while the old stream is still open
+    kube.wait_registered(RES, after=1, timeout=WAIT)
+    first.end_streams()  # late: after the new registration
     kube.wait_until(lambda: kube.cut_offs() == 1, timeout=WAIT, what="cut-off counted")
     assert any("reregistration bug" in event for event in kube.events())
 
@@ -107,3 +110,13 @@ def test_end_stream_marks_devices_unhealthy_and_never_reopens(h: Harness) -> Non
     with pytest.raises(RuntimeError, match="no open stream"):
         kube.end_stream(RES)
     assert len(kube.registrations) == 1  # only a new Register recovers
+
+
+def test_hung_connections_pending_sees_a_waiting_connect(h: Harness) -> None:
+    kube = h.kubelet(NEW)
+    assert not kube.hung_connections_pending()  # nothing wedged
+    kube.stop(hang=True)
+    assert not kube.hung_connections_pending()
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(kube.socket_path))
+        assert kube.hung_connections_pending()  # the kernel queued it at once

@@ -9,9 +9,11 @@ Re-registration has three triggers, combined because each alone is missed in
 some setting: ``kubelet.sock`` made anew (a kubelet restart), our own socket
 deleted (the kubelet cleans its dir on start), and the kubelet ending our
 ListAndWatch stream. Every trigger sets one event, so a burst of them gives
-one re-registration. Failures back off (50 ms doubling to 5 s), and a new
-``kubelet.sock`` cuts the wait short. A 1 s tick is the safety net for all
-file system signals, and the only source when inotify cannot be had.
+one re-registration. Failures back off (50 ms doubling to 5 s), but a
+``kubelet.sock`` other than the one the failed attempt used is a new kubelet
+and is tried at once, however it was seen (before, during or after the
+attempt). A 1 s tick is the safety net for all file system signals, the only
+source when inotify cannot be had, and the heartbeat ``/healthz`` reads.
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ STREAM_DEADLINE = 10.0
 STOP_GRACE = 0.5
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_UNIX_PATH = 107
+# A channel of its own subchannel: by default every channel to one address
+# shares a subchannel and its reconnect backoff (1 s and growing), so after
+# attempts refused by a stopped kubelet's stale kubelet.sock, the attempt
+# right after the new kubelet.sock appears failed without even connecting.
+CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
+# Exit status when the plugin dir this process sees is gone for good.
+EXIT_PLUGIN_DIR_UNLINKED = 1
 
 
 def socket_identity(path: Path) -> tuple[int, int] | None:
@@ -135,7 +144,7 @@ class PluginInstance:
         # Only the kubelet (root) needs the socket.
         os.chmod(self.path, 0o600)
         # Prove it answers before telling the kubelet about it.
-        async with grpc.aio.insecure_channel(f"unix:{self.path}") as channel:
+        async with grpc.aio.insecure_channel(f"unix:{self.path}", CHANNEL_OPTIONS) as channel:
             options = await api_pb2_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
                 api_pb2.Empty(), timeout=SELF_CHECK_TIMEOUT
             )
@@ -185,7 +194,9 @@ class Agent:
         self.instance: PluginInstance | None = None
         self.registered = False
         self.registrations = 0
+        # Beats when the tick has done its work: /healthz fails if it stops.
         self.heartbeat = time.monotonic()
+        self.exit_code = 0
         self._registered_kubelet: tuple[int, int] | None = None
         # The kubelet.sock last seen: only a different one is "changed".
         self._seen_kubelet: tuple[int, int] | None = None
@@ -243,6 +254,8 @@ class Agent:
     # --- signals ---
 
     def request_reregister(self, reason: str, cause: str) -> None:
+        if self._stop.is_set():
+            return  # our own shutdown removes our socket and ends our streams
         if self.registered:
             log.info("re-registering: %s", reason)
         self.registered = False
@@ -267,12 +280,13 @@ class Agent:
 
     def _check_sockets(self) -> None:
         """Compare the kubelet dir with what we registered against."""
+        if self._stop.is_set():
+            return
         kubelet = socket_identity(self.kubelet_socket)
-        # Only a NEW kubelet.sock (appeared, or made anew) cuts a backoff
-        # short. The 1 s tick calls this too: setting the event for a socket
-        # that merely still exists capped every backoff at 1 s, so a kubelet
-        # refusing Register got a retry (and a warning) every second forever
-        # (tests/reliability/test_plugin_dir_faults.py).
+        # Wakes whoever waits for a new kubelet.sock (they compare identities
+        # themselves). Only on a change: the 1 s tick calls this too, and
+        # waking for a socket that merely still exists capped every backoff
+        # at 1 s (tests/reliability/test_plugin_dir_faults.py).
         if kubelet is not None and kubelet != self._seen_kubelet:
             self._kubelet_changed.set()
             self.state.events.kubelet_seen(kubelet)
@@ -297,7 +311,8 @@ class Agent:
 
     # --- the loop ---
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Serve until stopped; the process's exit status."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
@@ -315,6 +330,7 @@ class Agent:
         finally:
             ticker.cancel()
             follower.cancel()
+            self.registered = False
             if self.instance is not None:
                 await self.instance.close()
             # After our own socket is gone: any socket of ours that still
@@ -322,6 +338,7 @@ class Agent:
             self.sinks.stop()
             self.watcher.stop()
             log.info("stopped")
+        return self.exit_code
 
     def _log_inventory(self) -> None:
         npus = self.state.inventory.ordered()
@@ -347,15 +364,20 @@ class Agent:
         while not self._stop.is_set():
             if not await self._wait_for_kubelet():
                 return
-            if await self._register():
+            # Read before our socket exists: if this is a new kubelet's
+            # socket, its start-up cleanup of the dir is already done.
+            kubelet = socket_identity(self.kubelet_socket)
+            if await self._register(kubelet):
                 failures = 0
                 if not await self._wait_for(self._reregister):
                     return
                 continue
             failures += 1
             delay = min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
-            self._kubelet_changed.clear()
-            await self._wait_for(self._kubelet_changed, timeout=delay)
+            # A kubelet.sock other than the one this attempt used is a new
+            # kubelet: try it at once, also when it appeared during the attempt.
+            if not await self._kubelet_socket_other_than(kubelet, timeout=delay):
+                return
 
     async def _wait_for(self, event: asyncio.Event, timeout: float | None = None) -> bool:
         """Wait for ``event`` (or the timeout); False when the agent is stopping."""
@@ -368,29 +390,50 @@ class Agent:
         return not self._stop.is_set()
 
     async def _wait_for_kubelet(self) -> bool:
-        announced = False
-        while socket_identity(self.kubelet_socket) is None:
-            if not announced:
-                log.info("waiting for the kubelet: %s not found", self.kubelet_socket)
-                announced = True
-            self._kubelet_changed.clear()
-            if not await self._wait_for(self._kubelet_changed, timeout=TICK_SECONDS):
-                return False
-        return True
+        """Until kubelet.sock exists; False when the agent is stopping."""
+        if socket_identity(self.kubelet_socket) is None:
+            log.info("waiting for the kubelet: %s not found", self.kubelet_socket)
+        return await self._kubelet_socket_other_than(None)
 
-    async def _register(self) -> bool:
+    async def _kubelet_socket_other_than(
+        self, identity: tuple[int, int] | None, timeout: float | None = None
+    ) -> bool:
+        """Until kubelet.sock is a socket other than ``identity`` (or the
+        timeout passed); False when the agent is stopping.
+
+        The event is only a wake-up: it is cleared BEFORE the socket is
+        looked at, so a change at any moment is either seen by the look or
+        sets the event again; none is lost."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._stop.is_set():
+            self._kubelet_changed.clear()
+            current = socket_identity(self.kubelet_socket)
+            if current is not None and current != identity:
+                return True
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return True
+            if not await self._wait_for(self._kubelet_changed, timeout=remaining):
+                break
+        return False
+
+    async def _register(self, kubelet: tuple[int, int] | None) -> bool:
+        """One attempt to register with the kubelet whose socket is ``kubelet``."""
         started = time.monotonic()
         reason, self._reason = self._reason, ""
         self._reregister.clear()
         old, self.instance = self.instance, None
         if old is not None:
             await old.close()
-        self._remove_stale_sockets()
+        # Each probe of a leftover socket may block (0.5 s): not on the loop.
+        await asyncio.to_thread(self._remove_stale_sockets)
         instance = PluginInstance(self.kubelet_dir, self.state, self.config, self._on_stream_lost)
-        kubelet = socket_identity(self.kubelet_socket)
         try:
             await instance.start()
-            async with grpc.aio.insecure_channel(f"unix:{self.kubelet_socket}") as channel:
+            async with grpc.aio.insecure_channel(
+                f"unix:{self.kubelet_socket}", CHANNEL_OPTIONS
+            ) as channel:
                 call = api_pb2_grpc.RegistrationStub(channel).Register(
                     api_pb2.RegisterRequest(
                         version=API_VERSION,
@@ -403,6 +446,13 @@ class Agent:
                 await self._await_register(call, kubelet)
         except (grpc.RpcError, OSError, RuntimeError) as error:
             log.warning("registration failed: %s", _describe_error(error))
+            self.state.events.registration_failed()
+            await instance.close()
+            return False
+        except Exception:
+            # A defect, not a kubelet fault: say so with the traceback, and
+            # keep the agent going (with backoff) rather than let it die.
+            log.exception("registration failed unexpectedly")
             self.state.events.registration_failed()
             await instance.close()
             return False
@@ -435,7 +485,7 @@ class Agent:
         otherwise hold the agent for the whole REGISTER_TIMEOUT while the
         new kubelet waits for us (tests/reliability/test_plugin_dir_faults.py)."""
         answer = asyncio.ensure_future(call)
-        replaced = asyncio.ensure_future(self._kubelet_replaced(kubelet))
+        replaced = asyncio.ensure_future(self._kubelet_socket_other_than(kubelet))
         stopping = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({answer, replaced, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -450,15 +500,6 @@ class Agent:
             why = "the agent is stopping" if self._stop.is_set() else f"a new {KUBELET_SOCKET}"
             raise RuntimeError(f"Register given up for {why}")
         answer.result()
-
-    async def _kubelet_replaced(self, registering_with: tuple[int, int] | None) -> None:
-        """Return once kubelet.sock is another socket than ``registering_with``."""
-        while True:
-            self._kubelet_changed.clear()
-            current = socket_identity(self.kubelet_socket)
-            if current is not None and current != registering_with:
-                return
-            await self._kubelet_changed.wait()
 
     def _remove_stale_sockets(self) -> None:
         """Delete our earlier sockets that nothing serves (e.g. after a SIGKILL).
@@ -494,27 +535,66 @@ class Agent:
         )
 
     async def _tick(self) -> None:
+        """Run the periodic check every second, forever: a failure is logged
+        (with its traceback) and the next tick tries again; the heartbeat
+        only moves when a check completes, so /healthz fails if they stop."""
         ticks = 0
+        failure = ""
         while True:
             await asyncio.sleep(TICK_SECONDS)
             ticks += 1
+            try:
+                self._periodic_check(ticks)
+            except Exception as error:
+                if repr(error) == failure:
+                    log.error("periodic check failed again: %s", error)
+                else:
+                    log.exception("periodic check failed (tried again every tick)")
+                failure = repr(error)
+                continue
+            if failure:
+                log.info("periodic check works again")
+                failure = ""
             self.heartbeat = time.monotonic()
-            self.watcher.ensure()
-            self._check_sockets()
-            polling = not self.watcher.watching(self.scanner.dev_dir)
-            if polling or ticks % RESYNC_TICKS == 0:
-                self.state.rescan()
-            instance = self.instance
-            if (
-                self.registered
-                and instance is not None
-                and instance.streams.opened_total == 0
-                and time.monotonic() - instance.registered_at > STREAM_DEADLINE
-            ):
-                self.request_reregister(
-                    f"the kubelet opened no ListAndWatch stream within {STREAM_DEADLINE:.0f} s",
-                    events.NO_STREAM,
-                )
+
+    def _periodic_check(self, ticks: int) -> None:
+        if _unlinked(self.kubelet_dir):
+            # A hostPath bind mount keeps showing a directory deleted on the
+            # host; a new kubelet.sock in the new one never shows up here.
+            log.error(
+                "the plugin dir %s was deleted: this path shows the deleted directory "
+                "(a bind mount of a dir made anew on the host); exiting so that a restart "
+                "mounts the new one",
+                self.kubelet_dir,
+            )
+            self.exit_code = EXIT_PLUGIN_DIR_UNLINKED
+            self.stop()
+            return
+        self.watcher.ensure()
+        self._check_sockets()
+        polling = not self.watcher.watching(self.scanner.dev_dir)
+        if polling or ticks % RESYNC_TICKS == 0:
+            self.state.rescan()
+        instance = self.instance
+        if (
+            self.registered
+            and instance is not None
+            and instance.streams.opened_total == 0
+            and time.monotonic() - instance.registered_at > STREAM_DEADLINE
+        ):
+            self.request_reregister(
+                f"the kubelet opened no ListAndWatch stream within {STREAM_DEADLINE:.0f} s",
+                events.NO_STREAM,
+            )
+
+
+def _unlinked(directory: Path) -> bool:
+    """Whether ``directory`` resolves to a directory that was deleted (a
+    mount point keeps it reachable): no links to it are left."""
+    try:
+        return os.stat(directory).st_nlink == 0
+    except OSError:
+        return False
 
 
 def _bind_problem(directory: Path) -> str:
@@ -541,7 +621,8 @@ def run(
     probe_address: str | None = None,
     hpe_dir: str | None = None,
 ) -> int:
-    """Run the agent until SIGTERM/SIGINT; 0 on a clean stop."""
+    """Run the agent until SIGTERM/SIGINT; 0 on a clean stop, non-zero when
+    only a restart can help (the plugin dir unlinked)."""
     agent = Agent(kubelet_dir, dev_dir, sys_dir, config, hpe_dir=hpe_dir)
     log.info(
         "stc-npu-agent starting: kubelet dir %s, dev dir %s, sys dir %s",
@@ -569,8 +650,7 @@ def run(
     elif config.metrics.enabled:
         log.warning("metrics.enabled, but no probe address: /metrics is not served")
     try:
-        asyncio.run(agent.run())
+        return asyncio.run(agent.run())
     finally:
         if probes is not None:
             probes.stop()
-    return 0

@@ -6,11 +6,13 @@ driven from synchronous test code; every method is thread-safe.
 
 What is emulated
 ----------------
-* ``start``: mkdir the plugin dir, delete every non-directory entry except
-  ``kubelet_internal_checkpoint`` (like the kubelet, entries whose ``stat``
-  fails, i.e. dangling symlinks, are left alone), serve ``Registration`` on
+* ``start``: mkdir the plugin dir, clean it, serve ``Registration`` on
   ``kubelet.sock``; old generation (1.18-1.25) then creates an empty
-  ``DEPRECATION`` file on every start, 1.26+ do not.
+  ``DEPRECATION`` file on every start, 1.26+ do not. The cleanup deletes
+  every non-directory entry except ``kubelet_internal_checkpoint`` up to
+  1.30, and only sockets from 1.31 on (a regular file such as an old
+  ``DEPRECATION`` stays); ``stat`` follows symlinks, and entries whose
+  ``stat`` fails (dangling symlinks) are left alone, like the kubelet's.
 * ``Register``: version must be ``v1beta1`` and the resource name an extended
   resource name, else gRPC UNKNOWN (texts as the kubelet's). The endpoint is
   joined to the plugin dir, not validated.
@@ -28,22 +30,26 @@ What is emulated
   ends, every device turns ``Unhealthy`` (allocatable 0, capacity kept) and
   the endpoint counts as stopped (``allocate`` refuses) until a new Register.
 * Re-registration of a resource (keyed by resource name, socket name does not
-  matter): the new registration replaces the endpoint and the emulator
-  cancels the old stream and closes its connection (as the old
-  generation's ``registerEndpoint`` stops the old endpoint). The device list
-  is kept until the new stream's first message replaces it.
+  matter), 1.18 to 1.37 alike: the new registration becomes the endpoint
+  (``allocate``, ``options``), but the kubelet does NOT end the old stream
+  nor close its connection. The old stream stays open, and every message it
+  sends still replaces the resource's device list (the kubelet's update
+  callback goes by resource name). When a superseded stream ends, its
+  connection is closed and, without the bug below, nothing else happens.
   - ``reregistration_bug=True`` (1.26+ only, kubernetes/kubernetes #121994,
-    #127803, fixed by PR #135437): when a SUPERSEDED stream ends after the new
-    registration was installed (whoever ended it: the plugin, its death, or
-    the emulator's own cancel above) the emulator tears down the CURRENT
-    registration: all devices Unhealthy (allocatable 0), endpoint forgotten,
-    the current stream cancelled. Since the emulator cancels a still-open old
-    stream at re-registration, a plugin that registers a new instance while
-    its old stream is still open is ALWAYS cut off here (the real kubelet
-    does it when the old stream's end is processed late: a race made
-    deterministic). The defence that works: end the old stream, then
-    register. A stream that already ended before the new registration was
-    installed does no harm. Without the flag superseded streams are ignored.
+    #127803, fixed by PR #135437): 1.26+ keep a client per resource name,
+    replaced when a Register ARRIVES (before the dial), and deleted when that
+    Register's dial fails. Whenever ANY stream of the resource ends, the
+    kubelet disconnects whatever client the name maps to at that moment:
+    all devices Unhealthy (allocatable 0), that client's connection closed,
+    the name unmapped, and its endpoint, if installed, stopped and forgotten
+    (``allocate`` refuses, ``options`` raises KeyError). So a superseded stream that ends
+    after a new Register arrived cuts off the NEW registration (counted in
+    ``cut_offs()`` when it was already installed); a plugin that keeps its
+    old stream open while it registers anew is cut off as soon as the old
+    one ends. The defence that works: end the old stream, then register.
+    (A stream ending while the name maps to no client changes nothing, not
+    even for the current registration: the kubelet's own behaviour.)
 * Checkpoint ``kubelet_internal_checkpoint``: JSON ``{"Data":
   {"RegisteredDevices": {resource: [healthy ids]}, "PodDeviceEntries":
   [{"ResourceName", "DeviceIDs"}]}}``, same shape as the kubelet's but
@@ -56,19 +62,24 @@ What is emulated
   resource capacity will stay zero till the corresponding device plugin
   re-registers"), not the looser summary "show capacity but 0 allocatable".
 * ``stop``: stops the server, cancels the streams, forgets the in-memory
-  device state (the kubelet process is gone); graceful removes
-  ``kubelet.sock``, ``crash=True`` leaves a stale ``kubelet.sock`` (a unix
-  socket bound and closed: connecting is refused) until the next start.
+  device state (the kubelet process is gone) and, like every real kubelet
+  on every stop, graceful or not, leaves ``kubelet.sock`` behind: the same
+  file, now stale (connecting is refused), until the next start removes it
+  and listens anew. ``crash=True`` is only recorded in the event log.
 
 Fault injection (not kubelet behaviour; for reliability tests)
 --------------------------------------------------------------
 * ``stop(hang=True)``: leaves a ``kubelet.sock`` that LISTENS but never
   accepts or answers (a wedged kubelet): connects succeed (the kernel queues
   them), every RPC waits for its deadline. The next ``start`` removes it.
+  ``hung_connections_pending()`` tells whether a connect waits there (a
+  client's call is in flight).
 * ``fail_register(text)``: every Register is refused with gRPC UNKNOWN and
   ``text`` (recorded with ``accepted=False``) until ``fail_register(None)``.
-* ``events()`` (the emulator's event log) and ``cut_offs()`` (how often the
-  emulated re-registration bug cut off a registration), to assert on.
+* ``events()`` (the emulator's event log), ``cut_offs()`` (how often the
+  emulated re-registration bug cut off a registration) and
+  ``open_streams()`` (streams still open, superseded ones included), to
+  assert on.
 * ``allocate`` / ``get_preferred_allocation`` / ``pre_start_container``: real
   calls over the registered endpoint's connection, one container request,
   only ``container_responses[0]`` returned; no deadline unless the caller
@@ -94,7 +105,9 @@ import logging
 import os
 import posixpath
 import re
+import select
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -122,6 +135,8 @@ UNHEALTHY = "Unhealthy"
 # Generations by kubelet minor version (major 1).
 _OLDEST_MINOR = 18
 _LAST_OLD_MINOR = 25
+# From 1.31 the start-up cleanup deletes sockets only.
+_FIRST_SOCKETS_ONLY_CLEANUP_MINOR = 31
 # How often wait_until re-evaluates a predicate without an emulator update,
 # so predicates over outside state (files, the plugin) also work.
 _RECHECK_INTERVAL = 0.1
@@ -227,7 +242,7 @@ class _Stream:
     call: grpc.CallIterator[api_pb2.ListAndWatchResponse] | None = None
     open: bool = True
     superseded: bool = False  # replaced by a newer registration
-    torn_down: bool = False  # cut off by the emulated re-registration bug
+    client: object = None  # 1.26+: the Register's entry in the client map
 
 
 @dataclass
@@ -235,6 +250,7 @@ class _ResourceState:
     devices: dict[str, Device] = field(default_factory=dict)
     stream: _Stream | None = None  # the current registration's stream
     options: Options | None = None
+    client: object = None  # 1.26+: the client the resource name maps to
 
 
 class KubeletEmulator:
@@ -251,6 +267,7 @@ class KubeletEmulator:
         _, minor = parse_version(version)
         self.plugin_dir = Path(plugin_dir).absolute()
         self.version = version
+        self.minor = minor
         self.generation: Generation = "old" if minor <= _LAST_OLD_MINOR else "new"
         if reregistration_bug and self.generation == "old":
             raise ValueError("reregistration_bug exists only in kubelets 1.26+")
@@ -268,6 +285,7 @@ class KubeletEmulator:
         self._registrations: list[Registration] = []
         self._first_list: set[int] = set()  # registrations whose stream delivered
         self._resources: dict[str, _ResourceState] = {}
+        self._open_streams: set[_Stream] = set()  # current and superseded
         self._updates: dict[str, list[tuple[float, dict[str, Device]]]] = {}
         self._registered_devices: dict[str, list[str]] = {}
         self._assignments: list[tuple[str, tuple[str, ...]]] = []
@@ -307,10 +325,12 @@ class KubeletEmulator:
             self._notify()
 
     def stop(self, *, crash: bool = False, hang: bool = False) -> None:
-        """Stop serving and drop every stream; ``crash`` leaves a stale
-        ``kubelet.sock`` that refuses connections, ``hang`` one that accepts
-        connections but never answers (fault injection). No-op when stopped
-        (except that ``hang`` still installs the wedged socket)."""
+        """Stop serving and drop every stream; ``kubelet.sock`` stays behind,
+        stale (it refuses connections), as after every real kubelet stop;
+        ``crash`` is only recorded in the event log. ``hang`` puts a socket
+        there that accepts connections but never answers (fault injection).
+        No-op when stopped (except that ``hang`` still installs the wedged
+        socket)."""
         if crash and hang:
             raise ValueError("crash and hang are exclusive")
         with self._cond:
@@ -321,10 +341,20 @@ class KubeletEmulator:
                 return
             self._server = None
             self._epoch += 1
-            streams = [s.stream for s in self._resources.values() if s.stream is not None]
+            streams = list(self._open_streams)
             self._resources.clear()
             self._event(f"stopped (crash={crash})")
             self._notify()
+        # gRPC may unlink the socket file when it stops: a hard link keeps
+        # the very file (inode) in place, as a stopped kubelet leaves it.
+        keep = self.plugin_dir / f".{KUBELET_SOCKET}.stale"
+        try:
+            keep.unlink(missing_ok=True)
+            os.link(self.socket_path, keep)
+        except OSError:
+            kept = False  # the dir or the socket was deleted under us
+        else:
+            kept = True
         server.stop(grace=None).wait()
         if self._executor is not None:
             # Handlers still dialing finish on their own (epoch check).
@@ -332,13 +362,11 @@ class KubeletEmulator:
             self._executor = None
         for stream in streams:
             _close_stream(stream)
-        # grpc may or may not unlink the socket file itself: make it exact.
-        self.socket_path.unlink(missing_ok=True)
-        if crash:
-            # A bound-then-closed unix socket: the file stays, nobody listens,
-            # connect() gets ECONNREFUSED, like after a kubelet crash.
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.bind(str(self.socket_path))
+        if kept:
+            if os.path.lexists(self.socket_path):
+                keep.unlink()
+            else:
+                os.replace(keep, self.socket_path)
         if hang:
             with self._cond:
                 self._hang()
@@ -354,6 +382,16 @@ class KubeletEmulator:
         self._hung = sock
         self._event("hung: kubelet.sock listens but never answers")
         self._notify()
+
+    def hung_connections_pending(self) -> bool:
+        """Whether a connect waits in the wedged socket's backlog (a client's
+        call is in flight there); False when there is no wedged socket."""
+        with self._cond:
+            sock = self._hung
+            if sock is None:
+                return False
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable)
 
     def _close_hung(self) -> None:
         sock, self._hung = self._hung, None
@@ -516,6 +554,12 @@ class KubeletEmulator:
             state = self._resources.get(resource)
             return bool(state and state.stream and state.stream.open)
 
+    def open_streams(self, resource: str) -> int:
+        """ListAndWatch streams of ``resource`` open now, current and
+        superseded (the kubelet never ends a superseded one itself)."""
+        with self._cond:
+            return sum(stream.resource == resource for stream in self._open_streams)
+
     def options(self, resource: str) -> Options:
         """The options in use for ``resource``'s current registration."""
         with self._cond:
@@ -652,7 +696,13 @@ class KubeletEmulator:
             ).start()
             return api_pb2.Empty()
 
-        # 1.26+: dial before answering, options only from the plugin.
+        # 1.26+: map the name to this Register's client, dial before
+        # answering, options only from the plugin.
+        client = object()
+        self._map_client(resource, client, epoch)
+        with self._cond:
+            self._event(f"register for {resource}: dialing {request.endpoint}")
+            self._notify()
         channel, dial_error = self._dial(path)
         options = requested
         if channel is not None:
@@ -664,15 +714,29 @@ class KubeletEmulator:
                 channel = None
                 dial_error = f"failed to get device plugin options: {_rpc_text(exc)}"
         if channel is None:
+            # The kubelet deletes the name's client, whichever it is by now.
+            self._map_client(resource, None, epoch)
             error = f"failed to connect to device plugin {resource} at {path}: {dial_error}"
             record(options, False, error)
             context.abort(grpc.StatusCode.UNKNOWN, error)
         index = record(options, True, None)
         if not self._install(
-            index=index, resource=resource, path=path, options=options, channel=channel, epoch=epoch
+            index=index,
+            resource=resource,
+            path=path,
+            options=options,
+            channel=channel,
+            epoch=epoch,
+            client=client,
         ):
             context.abort(grpc.StatusCode.UNAVAILABLE, "kubelet is shutting down")
         return api_pb2.Empty()
+
+    def _map_client(self, resource: str, client: object, epoch: int) -> None:
+        """1.26+: the resource name now maps to ``client`` (None: unmapped)."""
+        with self._cond:
+            if epoch == self._epoch and self._server is not None:
+                self._resources.setdefault(resource, _ResourceState()).client = client
 
     def _connect_old(
         self, index: int, resource: str, path: str, options: Options, epoch: int
@@ -713,19 +777,21 @@ class KubeletEmulator:
         options: Options,
         channel: grpc.Channel,
         epoch: int,
+        client: object = None,
     ) -> bool:
         """Make registration ``index`` the resource's endpoint and open its
-        one ListAndWatch stream; the previous stream is cancelled."""
+        one ListAndWatch stream; the previous stream stays open."""
         with self._cond:
             if epoch != self._epoch or self._server is None:
                 channel.close()
                 return False
             state = self._resources.setdefault(resource, _ResourceState())
             old = state.stream
-            stream = _Stream(index, resource, path, channel, epoch)
+            stream = _Stream(index, resource, path, channel, epoch, client=client)
             stream.call = api_pb2_grpc.DevicePluginStub(channel).ListAndWatch(api_pb2.Empty())
             state.stream = stream
             state.options = options
+            self._open_streams.add(stream)
             if old is not None and old.open:
                 old.superseded = True
             self._event(f"registration #{index} installed for {resource}")
@@ -733,8 +799,6 @@ class KubeletEmulator:
         threading.Thread(
             target=self._consume, args=(stream,), name=f"kubelet-law-{index}", daemon=True
         ).start()
-        if old is not None:
-            _close_stream(old)
         return True
 
     def _consume(self, stream: _Stream) -> None:
@@ -749,8 +813,9 @@ class KubeletEmulator:
                 }
                 with self._cond:
                     state = self._resources.get(stream.resource)
-                    if stream.epoch != self._epoch or state is None or state.stream is not stream:
-                        continue  # superseded or from before a restart: ignored
+                    if stream.epoch != self._epoch or state is None:
+                        continue  # from before a restart: ignored
+                    # Current or superseded: the kubelet goes by resource name.
                     state.devices = devices
                     self._updates.setdefault(stream.resource, []).append(
                         (time.monotonic(), dict(devices))
@@ -766,33 +831,44 @@ class KubeletEmulator:
         self._stream_ended(stream, reason)
 
     def _stream_ended(self, stream: _Stream, reason: str) -> None:
-        to_close: _Stream | None = None
+        to_close = [stream]  # the kubelet closes the ended endpoint's connection
         with self._cond:
             stream.open = False
+            self._open_streams.discard(stream)
             self._event(f"stream #{stream.reg_index} {stream.resource} {reason}")
             state = self._resources.get(stream.resource)
             if stream.epoch == self._epoch and state is not None:
-                if state.stream is stream:
+                if self.reregistration_bug:
+                    to_close += self._disconnect_client(state, stream)
+                elif state.stream is stream:
                     # Reference: the stream ended -> every device unhealthy at
                     # once, capacity kept; only a new Register recovers.
                     _mark_unhealthy(state)
-                elif stream.superseded and self.reregistration_bug and not stream.torn_down:
-                    # The 1.26+ bug: the late end of the OLD instance's stream is
-                    # taken for the resource's, and cuts off the NEW registration.
-                    _mark_unhealthy(state)
-                    self._cut_offs += 1
-                    if state.stream is not None:
-                        to_close = state.stream
-                        to_close.torn_down = True
-                        self._event(
-                            f"reregistration bug: stream #{stream.reg_index} ending cut off "
-                            f"registration #{to_close.reg_index}"
-                        )
-                    state.stream = None
-                    state.options = None
             self._notify()
-        if to_close is not None:
-            _close_stream(to_close)
+        for each in to_close:
+            _close_stream(each)
+
+    def _disconnect_client(self, state: _ResourceState, ended: _Stream) -> list[_Stream]:
+        """1.26+ with the bug: the end of ANY stream of the resource
+        disconnects the client its name maps to now (the caller holds the
+        lock); returns the streams whose connection that closes."""
+        client, state.client = state.client, None
+        if client is None:
+            return []  # nothing mapped: the end goes unnoticed
+        _mark_unhealthy(state)
+        current = state.stream
+        if client is ended.client:
+            return []  # its own end: unhealthy, as always
+        self._event(
+            f"reregistration bug: stream #{ended.reg_index} ending disconnected the client of "
+            f"the newer registration{f' #{current.reg_index}' if current else ''}"
+        )
+        if current is None or current.client is not client:
+            return []  # that Register is still dialing: its endpoint comes later
+        self._cut_offs += 1
+        state.stream = None
+        state.options = None
+        return [current]
 
     # --- internals --------------------------------------------------------
 
@@ -807,16 +883,17 @@ class KubeletEmulator:
             return state.stream.channel
 
     def _clean_plugin_dir(self) -> None:
+        sockets_only = self.minor >= _FIRST_SOCKETS_ONLY_CLEANUP_MINOR
         for entry in os.scandir(self.plugin_dir):
             if entry.name == CHECKPOINT_FILE:
                 continue
             try:
-                is_dir = entry.is_dir()  # follows symlinks, like os.Stat
-                os.stat(entry.path)
+                mode = os.stat(entry.path).st_mode  # follows symlinks, like os.Stat
             except OSError:
                 continue  # the kubelet logs and skips what it cannot stat
-            if not is_dir:
-                os.unlink(entry.path)
+            if stat.S_ISDIR(mode) or (sockets_only and not stat.S_ISSOCK(mode)):
+                continue
+            os.unlink(entry.path)
 
     def _load_checkpoint(self) -> None:
         try:
