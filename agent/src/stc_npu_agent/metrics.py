@@ -162,7 +162,7 @@ class Metrics(AgentEvents):
         # No *_created series beside every counter and histogram: they would
         # double a scrape and say only when the agent started (process-wide,
         # and this process has no other metrics).
-        disable_created_metrics()  # type: ignore[no-untyped-call] (no annotations upstream)
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
         self.registry = CollectorRegistry()
         registry = self.registry
         Info(f"{PREFIX}build", "The agent's version.", registry=registry).info(
