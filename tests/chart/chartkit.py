@@ -51,9 +51,17 @@ class Render:
     docs: tuple[dict[str, Any], ...]
 
     def kind(self, kind: str) -> dict[str, Any]:
-        """The one object of this kind (the chart renders at most one of each)."""
+        """The one object of this kind (for kinds the chart renders once)."""
         found = [doc for doc in self.docs if doc["kind"] == kind]
         assert len(found) == 1, f"expected one {kind}, rendered {len(found)}"
+        return found[0]
+
+    def object(self, identity: str) -> dict[str, Any]:
+        """The object whose identity (see ``identities``) is this, e.g. "Pod-test"."""
+        found = [
+            doc for doc, name in zip(self.docs, identities(self), strict=True) if name == identity
+        ]
+        assert len(found) == 1, f"expected one {identity}, rendered {len(found)}"
         return found[0]
 
     def kinds(self) -> list[str]:
@@ -117,13 +125,28 @@ def _flatten(node: object, path: str, out: dict[str, object]) -> None:
         out[path] = node
 
 
-def flatten(render: Render) -> dict[str, object]:
-    """Every leaf as "Kind:dotted.path" -> value."""
-    out: dict[str, object] = {}
+def identities(render: Render) -> list[str]:
+    """A name for each object that stays the same when values rename objects:
+    the kind followed by the part of the object's name after the DaemonSet's
+    name ("ServiceAccount" for the agent's, "ServiceAccount-test", "Pod-test",
+    "Pod-test-agents"), or "Kind/name" for a name of another form."""
+    base = render.kind("DaemonSet")["metadata"]["name"]
+    found = []
     for doc in render.docs:
-        kind = doc["kind"]
+        name = doc["metadata"]["name"]
+        if name.startswith(base):
+            found.append(doc["kind"] + name.removeprefix(base))
+        else:
+            found.append(f"{doc['kind']}/{name}")
+    return found
+
+
+def flatten(render: Render) -> dict[str, object]:
+    """Every leaf as "Identity:dotted.path" -> value (see ``identities``)."""
+    out: dict[str, object] = {}
+    for doc, identity in zip(render.docs, identities(render), strict=True):
         for key, value in doc.items():
-            _flatten(value, f"{kind}:{key}", out)
+            _flatten(value, f"{identity}:{key}", out)
     return out
 
 

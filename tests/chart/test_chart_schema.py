@@ -55,6 +55,19 @@ SCHEMA_ERRORS = [
     (["stcSetDevices=all"], r"stcSetDevices"),
     (["cdi.specDir=var/run/cdi"], r"cdi[./]specDir"),
     (["cdi.specdir=/var/run/cdi"], r"specdir"),
+    (["securityContext.privilegd=true"], r"privilegd"),
+    (["securityContext.seccompProfile.type=Bogus"], r"securityContext[./]seccompProfile[./]type"),
+    (["podSecurityContext.fsGroup=-1"], r"podSecurityContext[./]fsGroup"),
+    (["serviceAccount.nmae=x"], r"nmae"),
+    (["serviceAccount.create=yes"], r"serviceAccount[./]create"),
+    (["fullnameOverride=Bad_Name"], r"fullnameOverride"),
+    (["runtimeClassName=Bad_Name"], r"runtimeClassName"),
+    (["revisionHistoryLimit=-1"], r"revisionHistoryLimit"),
+    (["probes.liveness.periodSeconds=0"], r"probes[./]liveness[./]periodSeconds"),
+    (["probes.readiness.httpGet.path=/x"], r"httpGet"),
+    (["commonLabels.bad key=x"], r"bad key"),
+    (["extraVolumeMounts[0].name=ca"], r"mountPath"),
+    (["extraVolumes[0].configMap.name=ca"], r"name"),
     (["metrics.enabled=yes"], r"metrics[./]enabled"),
     (["metrics.port=9100"], r"port"),
     (["metrics.serviceMonitor.interval=often"], r"metrics[./]serviceMonitor[./]interval"),
@@ -93,6 +106,8 @@ TEMPLATE_ERRORS = [
     ),
     (["deviceListStrategy={cdi-cri}", "cdi.specDir=/host/dev/cdi"], r"cdi\.specDir: .*/host/dev"),
     (["deviceListStrategy={cdi-cri}", "cdi.specDir=/etc"], r"cdi\.specDir: .*/etc/stc-npu"),
+    (["commonLabels.helm\\.sh/chart=x"], r"commonLabels\.helm\.sh/chart"),
+    (["commonLabels.team=a", "podLabels.team=b"], r"podLabels\.team: also set in commonLabels"),
     (["metrics.service.enabled=true"], r"metrics\.service\.enabled: needs metrics\.enabled"),
     (["metrics.podMonitor.enabled=true"], r"metrics\.podMonitor\.enabled: needs metrics\.enabled"),
     (
@@ -245,6 +260,8 @@ OPEN_KUBERNETES_OBJECTS = {
     "affinity.podAffinity",
     "affinity.podAntiAffinity",
     "extraEnv.*.valueFrom",
+    "extraVolumes",  # each item: a name and any volume source
+    "global",  # Helm's own: a parent chart's globals, which the chart ignores
 }
 
 

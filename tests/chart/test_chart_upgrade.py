@@ -5,8 +5,15 @@ version (0.1.0 is this first one) and previous/immutable-<version>.yaml the
 DaemonSet name and selector it rendered. When a version is released, add its
 two files; never edit old ones. Each is rendered with the CURRENT chart: the
 old values must still be accepted (an upgrade with `-f` the old values, or
-with --reuse-values, must not fail on a removed or renamed key) and must give
-the same name and selector, or `helm upgrade` breaks installed clusters.
+with --reset-then-reuse-values, must not fail on a removed or renamed key)
+and must give the same name and selector, or `helm upgrade` breaks installed
+clusters.
+
+`--reuse-values` is different: Helm then renders the new templates with the
+OLD chart's defaults (pkg/action/upgrade.go: chart.Values = the old release's
+coalesced values), so values added since are missing. The schema requires
+those the templates cannot do without, so such an upgrade fails naming them
+(docs/operations.md says to use --reset-then-reuse-values).
 """
 
 from __future__ import annotations
@@ -62,20 +69,66 @@ def test_selector_ignores_every_value() -> None:
     assert changed == render().kind("DaemonSet")["spec"]["selector"]
 
 
-@pytest.mark.parametrize("values_file", RELEASES, ids=[p.stem for p in RELEASES])
-def test_reuse_values_renders_the_defaults_of_new_keys(
-    helm: str, values_file: Path, tmp_path: Path
+def _chart_copy(tmp_path: Path, version: str, app_version: str) -> Path:
+    copy = tmp_path / f"stc-npu-{version}"
+    shutil.copytree(CHART, copy)
+    chart_yaml = copy / "Chart.yaml"
+    chart = yaml.safe_load(chart_yaml.read_text(encoding="utf-8"))
+    text = chart_yaml.read_text(encoding="utf-8")
+    text = text.replace(f"version: {chart['version']}\n", f"version: {version}\n", 1)
+    text = text.replace(f'appVersion: "{chart["appVersion"]}"', f'appVersion: "{app_version}"', 1)
+    chart_yaml.write_text(text, encoding="utf-8")
+    assert yaml.safe_load(text)["version"] == version
+    return copy
+
+
+def _pod_template(helm: str, chart: Path, sets: list[str]) -> dict[str, Any]:
+    args = ["template", "stc-npu", str(chart), "-n", "kube-system"]
+    for item in sets:
+        args += ["--set", item]
+    result = run_helm(helm, args)
+    assert result.returncode == 0, result.stderr
+    (daemonset,) = [
+        doc for doc in yaml.safe_load_all(result.stdout) if doc and doc["kind"] == "DaemonSet"
+    ]
+    template: dict[str, Any] = daemonset["spec"]["template"]
+    return template
+
+
+def test_a_chart_only_release_keeps_the_pod_template(helm: str, tmp_path: Path) -> None:
+    # A new chart version with the same image and config must not restart
+    # every agent: the pod template, which the DaemonSet rolls on, is equal.
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
+    bumped = _chart_copy(tmp_path, "99.0.0", chart["appVersion"])
+    assert _pod_template(helm, bumped, []) == _pod_template(helm, CHART, [])
+
+
+def test_a_new_app_version_with_the_image_pinned_keeps_the_pod_template(
+    helm: str, tmp_path: Path
 ) -> None:
-    # `helm upgrade --reuse-values` (helm 3) renders the new templates with
-    # the old release's values: keys added since are absent, not defaulted.
+    pinned = ["image.tag=0.1.0"]
+    bumped = _chart_copy(tmp_path, "99.0.0", "99.0.0")
+    assert _pod_template(helm, bumped, pinned) == _pod_template(helm, CHART, pinned)
+    # ... while the default tag follows appVersion and so rolls the agents.
+    assert _pod_template(helm, bumped, []) != _pod_template(helm, CHART, [])
+
+
+def test_object_labels_still_say_the_chart_version() -> None:
+    daemonset = render().kind("DaemonSet")
+    assert daemonset["metadata"]["labels"]["helm.sh/chart"].startswith("stc-npu-")
+    template_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert "helm.sh/chart" not in template_labels
+    assert "app.kubernetes.io/version" not in template_labels
+
+
+def test_reuse_values_from_0_1_0_fails_naming_the_new_values(helm: str, tmp_path: Path) -> None:
+    # What `helm upgrade --reuse-values` renders: this chart's templates and
+    # schema with 0.1.0's values as the defaults. Without the required keys
+    # the agent would lose its security contexts silently.
     chart = tmp_path / "stc-npu"
     shutil.copytree(CHART, chart)
-    shutil.copy(values_file, chart / "values.yaml")
-    result = run_helm(helm, ["template", "stc-npu", str(chart), "--namespace", "kube-system"])
-    assert result.returncode == 0, f"old values refused by the new templates:\n{result.stderr}"
-    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    (config_map,) = [doc for doc in docs if doc["kind"] == "ConfigMap"]
-    config = yaml.safe_load(config_map["data"]["config.yaml"])
-    assert config["deviceListStrategy"] == ["device-specs"]
-    assert config["stcSetDevices"] == "none"
-    assert config["cdi"] == {"specDir": "/var/run/cdi"}
+    shutil.copy(PREVIOUS / "values-0.1.0.yaml", chart / "values.yaml")
+    result = run_helm(helm, ["template", "stc-npu", str(chart), "-n", "kube-system"])
+    assert result.returncode != 0
+    for key in ("podSecurityContext", "securityContext", "serviceAccount", "liveness"):
+        assert key in result.stderr, result.stderr

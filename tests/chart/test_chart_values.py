@@ -23,6 +23,7 @@ from tests.chart.chartkit import (
     Render,
     agent_container,
     changes,
+    identities,
     render,
 )
 
@@ -31,10 +32,19 @@ DS = "DaemonSet:spec.template.spec"
 C = f"{DS}.containers.0"
 CONFIG = "ConfigMap:data.config.yaml"
 CHECKSUM = "DaemonSet:spec.template.metadata.annotations.checksum/config"
-TEST = "Pod:spec.containers.0"
+TEST = "Pod-test:spec.containers.0"
+AGENTS = "Pod-test-agents:spec"  # the first test pod, which checks for Ready agents
 # Checkov skip annotations that answer a finding the value can remove.
 DS_SKIP = "DaemonSet:metadata.annotations.checkov.io/"
-TEST_SKIP = "Pod:metadata.annotations.checkov.io/"
+TEST_SKIP = "Pod-test:metadata.annotations.checkov.io/"
+AGENTS_SKIP = "Pod-test-agents:metadata.annotations.checkov.io/"
+TEST_OBJECTS = (
+    "ServiceAccount-test",
+    "Role-test",
+    "RoleBinding-test",
+    "Pod-test-agents",
+    "Pod-test",
+)
 DIGEST = "sha256:" + "ab" * 32
 MONITOR = {"enabled": True}
 NFD_DIR = "/etc/kubernetes/node-feature-discovery/features.d"
@@ -141,27 +151,47 @@ CASES = [
     Case(
         "image.repository",
         {"image": {"repository": "registry.example.com/stc-npu-agent"}},
-        {f"{C}.image": "registry.example.com/stc-npu-agent:0.1.0"},
+        {
+            f"{C}.image": "registry.example.com/stc-npu-agent:0.1.0",
+            f"{AGENTS}.containers.0.image": "registry.example.com/stc-npu-agent:0.1.0",
+        },
     ),
     Case(
         "image.tag",
         {"image": {"tag": "0.2.0"}},
-        {f"{C}.image": "ghcr.io/stc-npu/stc-npu-agent:0.2.0"},
+        {
+            f"{C}.image": "ghcr.io/stc-npu/stc-npu-agent:0.2.0",
+            f"{AGENTS}.containers.0.image": "ghcr.io/stc-npu/stc-npu-agent:0.2.0",
+        },
     ),
     Case(
         "image.digest",
         {"image": {"tag": "0.2.0", "digest": DIGEST}},
-        {f"{C}.image": f"ghcr.io/stc-npu/stc-npu-agent@{DIGEST}", f"{DS_SKIP}skip5": MISSING},
+        {
+            f"{C}.image": f"ghcr.io/stc-npu/stc-npu-agent@{DIGEST}",
+            f"{AGENTS}.containers.0.image": f"ghcr.io/stc-npu/stc-npu-agent@{DIGEST}",
+            f"{DS_SKIP}skip5": MISSING,
+            f"{AGENTS_SKIP}skip3": MISSING,
+        },
     ),
     Case(
         "image.pullPolicy",
         {"image": {"pullPolicy": "Always"}},
-        {f"{C}.imagePullPolicy": "Always", f"{DS_SKIP}skip4": MISSING},
+        {
+            f"{C}.imagePullPolicy": "Always",
+            f"{AGENTS}.containers.0.imagePullPolicy": "Always",
+            f"{DS_SKIP}skip4": MISSING,
+            f"{AGENTS_SKIP}skip2": MISSING,
+        },
     ),
     Case(
         "imagePullSecrets",
         {"imagePullSecrets": [{"name": "regcred"}]},
-        {f"{DS}.imagePullSecrets.0.name": "regcred", "Pod:spec.imagePullSecrets.0.name": "regcred"},
+        {
+            f"{DS}.imagePullSecrets.0.name": "regcred",
+            "Pod-test:spec.imagePullSecrets.0.name": "regcred",
+            f"{AGENTS}.imagePullSecrets.0.name": "regcred",
+        },
     ),
     Case(
         "kubeletDir",
@@ -192,12 +222,12 @@ CASES = [
     Case(
         "metrics.service.enabled",
         {"metrics": {"enabled": True, "service": {"enabled": True}}},
-        _config({"Service:*": ANY}),
+        _config({"Service-metrics:*": ANY}),
     ),
     Case(
         "metrics.serviceMonitor.enabled",
         {"metrics": {"enabled": True, "service": {"enabled": True}, "serviceMonitor": MONITOR}},
-        _config({"Service:*": ANY, "ServiceMonitor:*": ANY}),
+        _config({"Service-metrics:*": ANY, "ServiceMonitor:*": ANY}),
     ),
     Case(
         "metrics.serviceMonitor.interval",
@@ -218,7 +248,7 @@ CASES = [
         },
         _config(
             {
-                "Service:*": ANY,
+                "Service-metrics:*": ANY,
                 "ServiceMonitor:*": ANY,
                 "ServiceMonitor:spec.endpoints.0.interval": "1m",
             }
@@ -355,11 +385,15 @@ CASES = [
         "namespaceOverride",
         {"namespaceOverride": "stc-npu-system"},
         {
-            f"{kind}:metadata.namespace": "stc-npu-system"
-            for kind in ("ServiceAccount", "ConfigMap", "DaemonSet", "Pod")
+            **{
+                f"{kind}:metadata.namespace": "stc-npu-system"
+                for kind in ("ServiceAccount", "ConfigMap", "DaemonSet", *TEST_OBJECTS)
+            },
+            "RoleBinding-test:subjects.0.namespace": "stc-npu-system",
+            f"{AGENTS}.containers.0.env.0.value": "stc-npu-system",  # NAMESPACE
         },
     ),
-    Case("test.enabled", {"test": {"enabled": False}}, {"Pod:*": MISSING}),
+    Case("test.enabled", {"test": {"enabled": False}}, {f"{o}:*": MISSING for o in TEST_OBJECTS}),
     Case(
         "test.image.repository",
         {"test": {"image": {"repository": "registry.example.com/busybox"}}},
@@ -383,7 +417,102 @@ CASES = [
     Case(
         "test.tolerations",
         {"test": {"tolerations": [{"key": "example.com/npu", "operator": "Exists"}]}},
-        {"Pod:spec.tolerations.0.key": "example.com/npu", "Pod:spec.tolerations.0.effect": MISSING},
+        {
+            f"{pod}:spec.tolerations.0.{key}": value
+            for pod in ("Pod-test", "Pod-test-agents")
+            for key, value in (("key", "example.com/npu"), ("effect", MISSING))
+        },
+    ),
+    # --- values added in 0.2.0 ---
+    # Helm's own: a parent chart's globals reach a subchart; the chart reads none.
+    Case("global", {"global": {"imageRegistry": "registry.example.com"}}, {}),
+    Case(
+        "fullnameOverride",
+        {"fullnameOverride": "npu-agent"},
+        {
+            # Identities are names relative to the DaemonSet's: they stay.
+            **{
+                f"{o}:metadata.name": ANY
+                for o in ("ServiceAccount", "ConfigMap", "DaemonSet", *TEST_OBJECTS)
+            },
+            f"{DS}.serviceAccountName": "npu-agent",
+            f"{DS}.volumes.2.configMap.name": "npu-agent",
+            "Role-test:rules.0.resourceNames.0": "npu-agent",
+            "RoleBinding-test:roleRef.name": "npu-agent-test",
+            "RoleBinding-test:subjects.0.name": "npu-agent-test",
+            f"{AGENTS}.serviceAccountName": "npu-agent-test",
+            f"{AGENTS}.containers.0.env.1.value": "npu-agent",  # DAEMONSET
+        },
+    ),
+    Case(
+        "commonLabels",
+        {"commonLabels": {"example.com/team": "platform"}},
+        {
+            **{
+                f"{o}:metadata.labels.example.com/team": "platform"
+                for o in ("ServiceAccount", "ConfigMap", "DaemonSet", *TEST_OBJECTS)
+            },
+            "DaemonSet:spec.template.metadata.labels.example.com/team": "platform",
+        },
+    ),
+    Case(
+        "serviceAccount.create",
+        {"serviceAccount": {"create": False}},
+        {"ServiceAccount:*": MISSING, f"{DS}.serviceAccountName": "default"},
+    ),
+    Case(
+        "serviceAccount.name",
+        {"serviceAccount": {"name": "npu-agent"}},
+        {
+            "ServiceAccount:*": MISSING,
+            "ServiceAccount/npu-agent:*": ANY,
+            f"{DS}.serviceAccountName": "npu-agent",
+        },
+    ),
+    Case(
+        "serviceAccount.annotations",
+        {"serviceAccount": {"annotations": {"example.com/owner": "platform"}}},
+        {"ServiceAccount:metadata.annotations.example.com/owner": "platform"},
+    ),
+    Case(
+        "probes.liveness",
+        {"probes": {"liveness": {"periodSeconds": 30, "initialDelaySeconds": 5}}},
+        {f"{C}.livenessProbe.periodSeconds": 30, f"{C}.livenessProbe.initialDelaySeconds": 5},
+    ),
+    Case(
+        "probes.readiness",
+        {"probes": {"readiness": {"failureThreshold": 6}}},
+        {f"{C}.readinessProbe.failureThreshold": 6},
+    ),
+    Case(
+        "revisionHistoryLimit",
+        {"revisionHistoryLimit": 3},
+        {"DaemonSet:spec.revisionHistoryLimit": 3},
+    ),
+    Case("runtimeClassName", {"runtimeClassName": "kata"}, {f"{DS}.runtimeClassName": "kata"}),
+    Case(
+        "podSecurityContext",
+        {"podSecurityContext": {"supplementalGroups": [990]}},
+        {f"{DS}.securityContext.supplementalGroups.0": 990},
+    ),
+    Case(
+        "securityContext",
+        {"securityContext": {"seLinuxOptions": {"type": "spc_t"}}},
+        {f"{C}.securityContext.seLinuxOptions.type": "spc_t"},
+    ),
+    Case(
+        "extraVolumes",
+        {"extraVolumes": [{"name": "ca", "configMap": {"name": "site-ca"}}]},
+        {f"{DS}.volumes.5.name": "ca", f"{DS}.volumes.5.configMap.name": "site-ca"},
+    ),
+    Case(
+        "extraVolumeMounts",
+        {"extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/site-ca", "readOnly": True}]},
+        {
+            f"{C}.volumeMounts.5.name": "ca",
+            f"{C}.volumeMounts.5.mountPath": "/etc/site-ca",
+            f"{C}.volumeMounts.5.readOnly": True,
+        },
     ),
 ]
 
@@ -462,8 +591,17 @@ def default() -> Render:
 
 
 def test_objects_rendered(default: Render) -> None:
-    assert default.kinds() == ["ServiceAccount", "ConfigMap", "DaemonSet", "Pod"]
-    assert {doc["metadata"]["name"] for doc in default.docs[:3]} == {"stc-npu"}
+    assert identities(default) == [
+        "ServiceAccount",
+        "ServiceAccount-test",
+        "ConfigMap",
+        "Role-test",
+        "RoleBinding-test",
+        "DaemonSet",
+        "Pod-test-agents",
+        "Pod-test",
+    ]
+    assert default.object("DaemonSet")["metadata"]["name"] == "stc-npu"
     assert all(doc["metadata"]["namespace"] == "kube-system" for doc in default.docs)
 
 
@@ -482,12 +620,24 @@ def test_security_defaults(default: Render) -> None:
     }
     assert pod["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
     assert pod["automountServiceAccountToken"] is False
-    assert default.kind("ServiceAccount")["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "stc-npu"
+    assert default.object("ServiceAccount")["automountServiceAccountToken"] is False
     for host_namespace in ("hostNetwork", "hostPID", "hostIPC"):
         assert host_namespace not in pod
     assert pod["priorityClassName"] == "system-node-critical"
-    rendered_kinds = set(default.kinds())
-    assert not rendered_kinds & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+    # No cluster-wide role at all; the one Role is the helm test pod's, and it
+    # may only read the agent DaemonSet. Nothing is bound to the agent.
+    assert not set(default.kinds()) & {"ClusterRole", "ClusterRoleBinding"}
+    assert default.object("Role-test")["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["daemonsets"],
+            "resourceNames": ["stc-npu"],
+            "verbs": ["get"],
+        }
+    ]
+    (subject,) = default.object("RoleBinding-test")["subjects"]
+    assert subject["name"] == "stc-npu-test" != pod["serviceAccountName"]
 
 
 def test_only_the_kubelet_dir_is_writable(default: Render) -> None:
@@ -556,8 +706,10 @@ def test_default_placement(default: Render) -> None:
     pod = default.kind("DaemonSet")["spec"]["template"]["spec"]
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     keys = [term["matchExpressions"][0]["key"] for term in terms["nodeSelectorTerms"]]
+    # NFD's default label (PCI class and vendor), its vendor-only form, by hand.
     assert keys == [
         "feature.node.kubernetes.io/pci-1200_23e2.present",
+        "feature.node.kubernetes.io/pci-23e2.present",
         "streamcomputing.com/npu.present",
     ]
     assert pod["tolerations"] == [
@@ -566,12 +718,12 @@ def test_default_placement(default: Render) -> None:
     ]
 
 
-def test_test_pod_requests_one_npu_and_is_restricted(default: Render) -> None:
-    pod = default.kind("Pod")
+@pytest.mark.parametrize("identity", ["Pod-test-agents", "Pod-test"])
+def test_test_pods_are_restricted(default: Render, identity: str) -> None:
+    pod = default.object(identity)
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     spec = pod["spec"]
     (container,) = spec["containers"]
-    assert container["resources"]["limits"]["streamcomputing.com/npu"] == 1
     # "restricted" Pod Security Standard
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -579,13 +731,27 @@ def test_test_pod_requests_one_npu_and_is_restricted(default: Render) -> None:
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert "volumes" not in spec
     assert "hostNetwork" not in spec
+
+
+def test_test_pod_requests_one_npu(default: Render) -> None:
+    (container,) = default.object("Pod-test")["spec"]["containers"]
+    assert container["resources"]["limits"]["streamcomputing.com/npu"] == 1
     script = container["args"][0]
     assert "STC_NPU_DEVICES" in script
     assert '[ ! -c "/dev/$id" ]' in script
 
 
-def test_test_pod_is_not_selected_by_the_daemonset(default: Render) -> None:
+def test_only_the_agents_check_gets_a_token(default: Render) -> None:
+    agents = default.object("Pod-test-agents")["spec"]
+    assert agents["serviceAccountName"] == "stc-npu-test"
+    assert agents["automountServiceAccountToken"] is True
+    assert "limits" not in agents or "streamcomputing.com/npu" not in str(agents)
+    assert default.object("Pod-test")["spec"]["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("identity", ["Pod-test-agents", "Pod-test"])
+def test_test_pod_is_not_selected_by_the_daemonset(default: Render, identity: str) -> None:
     # A pod matching the selector would be adopted (and deleted) by the DaemonSet.
     selector = default.kind("DaemonSet")["spec"]["selector"]["matchLabels"]
-    labels = default.kind("Pod")["metadata"]["labels"]
+    labels = default.object(identity)["metadata"]["labels"]
     assert not all(labels.get(key) == value for key, value in selector.items())

@@ -9,7 +9,12 @@ the fields a Pod can set, and each is shown to fire on a bad pod.
 from __future__ import annotations
 
 import copy
+import os
 import re
+import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,10 @@ import yaml
 IMAGES = Path(__file__).resolve().parents[2] / "images"
 RESOURCE = "streamcomputing.com/npu"
 EXAMPLES = sorted(IMAGES.glob("pod-*/example-pod*.yaml"))
-# The oldest Kubernetes the chart supports and the newest schema we ship.
+# The oldest and newest schemas of the kubernetes-validate in .venv. The
+# examples use the seccompProfile field (Kubernetes 1.19+) and target the
+# "restricted" standard, which Pod Security admission enforces from 1.23 on;
+# the chart itself goes back to 1.18 (tests/chart/test_chart_kubernetes.py).
 K8S_VERSIONS = ["1.25", kubernetes_validate.utils.latest_version()]
 
 Pod = dict[str, Any]
@@ -315,3 +323,92 @@ def test_a_schema_error_is_caught() -> None:
     _main(pod)["resources"]["limitz"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(pod, K8S_VERSIONS[0], strict=True)
+
+
+# --------------------------------------------------------------------------
+# Names and signals
+
+
+def _build_tag(dockerfile_path: Path) -> str:
+    """The image name the Dockerfile's build instructions give (-t NAME)."""
+    tags = re.findall(r"-t (\S+)", dockerfile_path.read_text(encoding="utf-8"))
+    assert len(set(tags)) == 1, tags
+    return str(tags[0])
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_example_uses_the_image_its_dockerfile_builds(path: Path) -> None:
+    images = {c["image"] for c in containers(load(path)["spec"])}
+    assert images == {_build_tag(path.parent / "Dockerfile")}
+
+
+def test_the_example_image_names() -> None:
+    # The names others build and load (e2e): one scheme, registry/stc-npu/pod-<mode>.
+    assert _build_tag(IMAGES / "pod-mapped" / "Dockerfile") == (
+        "registry.example.com/stc-npu/pod-mapped:1.0.0"
+    )
+    assert _build_tag(IMAGES / "pod-unmapped" / "Dockerfile") == (
+        "registry.example.com/stc-npu/pod-unmapped:1.7.0"
+    )
+
+
+def _commands() -> list[tuple[str, list[str]]]:
+    found = []
+    for path in EXAMPLES:
+        for container in containers(load(path)["spec"]):
+            found.append((f"{path.parent.name}/{path.name}", list(container["command"])))
+    for name in ("pod-mapped", "pod-unmapped"):
+        commands = list(dockerfile.parse_file(str(IMAGES / name / "Dockerfile")))
+        (cmd,) = [c for c in commands if c.cmd == "CMD"]
+        assert cmd.json, "exec form"
+        found.append((f"{name}/Dockerfile CMD", list(cmd.value)))
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+NEEDS_UNSHARE = pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0,
+    reason="needs unshare and root, to run the command as PID 1 of its own PID namespace",
+)
+
+
+@NEEDS_UNSHARE
+@pytest.mark.parametrize(("where", "command"), _commands(), ids=[w for w, _ in _commands()])
+def test_pod_command_ends_on_sigterm_as_pid_1(where: str, command: list[str]) -> None:
+    # In a container the command is PID 1, and the kernel drops signals that
+    # PID 1 has no handler for: `sleep infinity` would ignore the kubelet's
+    # SIGTERM and every delete would wait the whole grace period.
+    process = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        init = None
+        while time.monotonic() < deadline:
+            children = _children(process.pid)
+            if children:
+                init = children[0]
+                # Ready once the sleep runs: the shell set its trap before it.
+                if _comm(init) == "sleep" or any(_comm(c) == "sleep" for c in _children(init)):
+                    break
+            time.sleep(0.05)
+        assert init is not None, f"{where}: the command did not start"
+        os.kill(init, signal.SIGTERM)
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{where}: {command} ignored SIGTERM as PID 1")
+        assert code == 0, f"{where}: exit {code}"
+    finally:
+        process.kill()
+        process.wait(timeout=30)

@@ -9,12 +9,15 @@ from here, so they cannot differ between templates.
 {{- end -}}
 
 {{/*
-Object names: the release name when it already contains the chart name (the
-documented `helm install stc-npu ...` gives plain "stc-npu"), otherwise
-<release>-stc-npu; at most 63 characters.
+Object names: fullnameOverride when set; else the release name when it
+already contains the chart name (the documented `helm install stc-npu ...`
+gives plain "stc-npu"), otherwise <release>-stc-npu; at most 63 characters.
+The selector does not use it (stc-npu.selectorLabels).
 */}}
 {{- define "stc-npu.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains .Chart.Name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
 {{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
@@ -35,13 +38,81 @@ app.kubernetes.io/name: {{ include "stc-npu.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
-{{- define "stc-npu.labels" -}}
+{{/* The chart's own labels of its objects (commonLabels cannot replace them). */}}
+{{- define "stc-npu.chartLabels" -}}
 {{ include "stc-npu.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/component: device-plugin
 app.kubernetes.io/part-of: stc-npu
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end -}}
+
+{{- define "stc-npu.labels" -}}
+{{ include "stc-npu.chartLabels" . }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Labels of the agent pods: only those that change when the pod must change.
+No helm.sh/chart and no app.kubernetes.io/version: a chart-only release, or a
+new appVersion with the image pinned by image.tag, must not restart every
+agent (the image and the config checksum already change the template when
+the pod must change).
+*/}}
+{{- define "stc-npu.podTemplateLabels" -}}
+{{ include "stc-npu.selectorLabels" . }}
+app.kubernetes.io/component: device-plugin
+app.kubernetes.io/part-of: stc-npu
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The agent pods' ServiceAccount. */}}
+{{- define "stc-npu.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "stc-npu.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Kubernetes before 1.19 has no seccompProfile field; its API server drops the
+field silently, so the profile is rendered as the alpha annotation instead.
+.Capabilities.KubeVersion is the cluster's version on install and upgrade,
+and --kube-version for `helm template` (Argo CD passes the destination's).
+*/}}
+{{- define "stc-npu.legacySeccomp" -}}
+{{- if semverCompare "<1.19.0-0" .Capabilities.KubeVersion.Version -}}true{{- end -}}
+{{- end -}}
+
+{{/* The alpha annotation's value for a seccompProfile ("" when none). */}}
+{{- define "stc-npu.seccompAnnotation" -}}
+{{- $profile := . | default dict -}}
+{{- if eq ($profile.type | default "") "RuntimeDefault" -}}runtime/default
+{{- else if eq ($profile.type | default "") "Unconfined" -}}unconfined
+{{- else if eq ($profile.type | default "") "Localhost" -}}localhost/{{ $profile.localhostProfile }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A securityContext (pod or container) as rendered: the values, without
+seccompProfile on clusters before 1.19 (see stc-npu.legacySeccomp).
+Argument: (dict "context" <map> "legacy" <bool string>).
+*/}}
+{{- define "stc-npu.securityContext" -}}
+{{- $context := deepCopy (.context | default dict) -}}
+{{- if .legacy -}}
+{{- $_ := unset $context "seccompProfile" -}}
+{{- end -}}
+{{- if $context -}}
+{{ toYaml $context }}
+{{- end -}}
 {{- end -}}
 
 {{/* An image reference from {repository, tag, digest}: the digest wins. */}}
@@ -190,4 +261,7 @@ app.kubernetes.io/component: test
 app.kubernetes.io/part-of: stc-npu
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
