@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 
 from stc_npu_agent.core.config import (
+    MAX_REPLICAS,
     Config,
     ConfigError,
     DiscoveryConfig,
     HpeConfig,
+    SharingConfig,
     extended_resource_name_problem,
     parse_config,
 )
@@ -273,3 +275,84 @@ def test_bad_delivery_is_refused_in_one_line(document: object, message: str) -> 
 
 def test_a_resource_name_cdi_refuses_is_fine_without_cdi() -> None:
     assert parse_config({"resourceName": "3com.example/npu"}).resource_name == "3com.example/npu"
+
+
+def test_sharing_defaults_to_none() -> None:
+    config = parse_config(None)
+    assert config.sharing == SharingConfig(1, rename_shared=False)
+    assert not config.sharing.shared
+    assert config.advertised_resource == "streamcomputing.com/npu"
+
+
+def test_sharing_keys_are_parsed_and_round_trip() -> None:
+    config = parse_config(
+        {"sharing": {"replicas": 4, "renameShared": True, "failRequestsGreaterThanOne": True}}
+    )
+    assert config.sharing == SharingConfig(
+        4, rename_shared=True, fail_requests_greater_than_one=True
+    )
+    assert config.advertised_resource == "streamcomputing.com/npu.shared"
+    assert parse_config(config.to_mapping()) == config
+    # The highest bound is allowed.
+    assert parse_config({"sharing": {"replicas": MAX_REPLICAS}}).sharing.replicas == MAX_REPLICAS
+
+
+def test_rename_shared_renames_only_what_is_shared() -> None:
+    config = parse_config({"sharing": {"replicas": 1, "renameShared": True}})
+    assert config.advertised_resource == "streamcomputing.com/npu"
+
+
+OUT_OF_RANGE = "sharing.replicas: must be 1 (no sharing) to 100"
+NOT_A_NUMBER = "sharing.replicas: expected a whole number 1-100, got "
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"sharing": {"replica": 2}}, "sharing.replica: unknown key"),
+        ({"sharing": 2}, "sharing: expected a mapping, got a number (2)"),
+        ({"sharing": {"replicas": 0}}, "sharing.replicas: must be 1 (no sharing) to 100, got 0"),
+        (
+            {"sharing": {"replicas": 101}},
+            "sharing.replicas: must be 1 (no sharing) to 100, got 101",
+        ),
+        (
+            {"sharing": {"replicas": "4"}},
+            "sharing.replicas: expected a whole number 1-100, got '4'",
+        ),
+        (
+            {"sharing": {"replicas": 2.0}},
+            "sharing.replicas: expected a whole number 1-100, got a number",
+        ),
+        (
+            {"sharing": {"replicas": True}},
+            "sharing.replicas: expected a whole number 1-100, got a boolean",
+        ),
+        (
+            {"sharing": {"renameShared": "yes"}},
+            "sharing.renameShared: expected true or false, got 'yes'",
+        ),
+        (
+            {"sharing": {"failRequestsGreaterThanOne": 1}},
+            "sharing.failRequestsGreaterThanOne: expected true or false, got a number (1)",
+        ),
+        (
+            # 57 + ".shared" is 64 characters: the kubelet would refuse the name.
+            {"resourceName": "a.com/" + "n" * 57, "sharing": {"replicas": 2, "renameShared": True}},
+            "sharing.renameShared: the shared resource 'a.com/" + "n" * 57 + ".shared' "
+            "(resourceName + '.shared') is not a valid resource name: name ",
+        ),
+    ],
+)
+def test_bad_sharing_is_refused_in_one_line(document: object, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_long_resource_name_is_fine_unrenamed() -> None:
+    name = "a.com/" + "n" * 57
+    assert (
+        parse_config({"resourceName": name, "sharing": {"replicas": 2}}).advertised_resource == name
+    )

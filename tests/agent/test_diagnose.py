@@ -210,3 +210,24 @@ def test_cdi_answer_and_a_missing_spec(tmp_path: Path, node: SimNode, kubelet_di
     spec_dir.mkdir()
     (spec_dir / "streamcomputing.com-npu.json").write_text("{}")
     assert missing not in diagnose(node, kubelet_dir, *args).stdout
+
+
+def test_sharing_is_shown_and_replica_ids_allocate(
+    tmp_path: Path, node: SimNode, kubelet_dir: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("sharing:\n  replicas: 3\n  renameShared: true\n")
+    args = ("--config", str(config), "--allocate", "stc1::2", "--allocate", "stc1")
+    text = diagnose(node, kubelet_dir, *args).stdout
+    assert (
+        "sharing: 3 replicas per NPU (<npu>::0 .. <npu>::2) as streamcomputing.com/npu.shared"
+        in text
+    )
+    assert "  env    STC_NPU_DEVICES=stc1" in text
+    assert "Allocate [stc1] would answer" in text
+    assert "error INVALID_ARGUMENT: unknown device IDs: 'stc1' (sharing.replicas is 3" in text
+    report = json.loads(diagnose(node, kubelet_dir, *args, "--json").stdout)
+    assert report["resource"] == "streamcomputing.com/npu.shared"
+    assert report["config"]["sharing"]["replicas"] == 3
+    # Without sharing, no sharing line.
+    assert "sharing:" not in diagnose(node, kubelet_dir).stdout

@@ -19,7 +19,15 @@ from stc_npu_agent.probes import parse_address
 from stc_npu_agent.settings import load_config
 from tests.chart.chartkit import CHART, SCENARIOS, agent_container, render
 
-CONFIG_KEYS = ("resourceName", "hpe", "discovery", "deviceListStrategy", "stcSetDevices", "cdi")
+CONFIG_KEYS = (
+    "resourceName",
+    "hpe",
+    "discovery",
+    "deviceListStrategy",
+    "stcSetDevices",
+    "cdi",
+    "sharing",
+)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -112,3 +112,16 @@ def test_notes_warn_when_an_override_weakens_the_defaults(sets: list[str], warni
     notes = _notes(sets)
     assert "WARNING: the agent runs with less protection" in notes
     assert warning in notes
+
+
+def test_notes_name_the_shared_resource_and_say_there_is_no_isolation() -> None:
+    notes = _notes(["sharing.replicas=4", "sharing.renameShared=true"])
+    assert "as the extended resource streamcomputing.com/npu.shared." in notes
+    assert "allocatable.streamcomputing\\.com/npu\\.shared'" in notes
+    assert "streamcomputing.com/npu.shared: 1" in notes
+    assert "NO memory or fault isolation" in notes
+    # Shared but not renamed: the resource keeps its name.
+    notes = _notes(["sharing.replicas=4"])
+    assert "streamcomputing.com/npu: 1" in notes
+    assert "NO memory or fault isolation" in notes
+    assert "NO memory or fault isolation" not in _notes()

@@ -68,6 +68,12 @@ SCHEMA_ERRORS = [
     (["commonLabels.bad key=x"], r"bad key"),
     (["extraVolumeMounts[0].name=ca"], r"mountPath"),
     (["extraVolumes[0].configMap.name=ca"], r"name"),
+    (["sharing.replicas=0"], r"sharing[./]replicas"),
+    (["sharing.replicas=101"], r"sharing[./]replicas"),
+    (["sharing.replicas=two"], r"sharing[./]replicas"),
+    (["sharing.renameShared=yes"], r"sharing[./]renameShared"),
+    (["sharing.failRequestsGreaterThanOne=1"], r"sharing[./]failRequestsGreaterThanOne"),
+    (["sharing.replica=2"], r"replica"),
     (["metrics.enabled=yes"], r"metrics[./]enabled"),
     (["metrics.port=9100"], r"port"),
     (["metrics.serviceMonitor.interval=often"], r"metrics[./]serviceMonitor[./]interval"),
@@ -108,6 +114,11 @@ TEMPLATE_ERRORS = [
     (["deviceListStrategy={cdi-cri}", "cdi.specDir=/etc"], r"cdi\.specDir: .*/etc/stc-npu"),
     (["commonLabels.helm\\.sh/chart=x"], r"commonLabels\.helm\.sh/chart"),
     (["commonLabels.team=a", "podLabels.team=b"], r"podLabels\.team: also set in commonLabels"),
+    (
+        # 57 characters + ".shared" is 64: the kubelet would refuse the name.
+        ["resourceName=example.com/" + "n" * 57, "sharing.replicas=2", "sharing.renameShared=true"],
+        r"sharing\.renameShared: the shared resource \"example\.com/n+\.shared\" is longer than 63",
+    ),
     (["metrics.service.enabled=true"], r"metrics\.service\.enabled: needs metrics\.enabled"),
     (["metrics.podMonitor.enabled=true"], r"metrics\.podMonitor\.enabled: needs metrics\.enabled"),
     (

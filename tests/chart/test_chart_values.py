@@ -133,6 +133,25 @@ CASES = [
         _config({f"{C}.volumeMounts.5.*": ANY, f"{DS}.volumes.5.*": ANY}),
     ),
     Case("stcSetDevices", {"stcSetDevices": "local"}, _config()),
+    # Sharing is the agent's: the config alone, and the resource name the
+    # test pod requests when renamed.
+    Case("sharing.replicas", {"sharing": {"replicas": 4}}, _config()),
+    Case("sharing.renameShared", {"sharing": {"renameShared": True}}, _config()),
+    Case(
+        "sharing.renameShared",
+        {"sharing": {"replicas": 2, "renameShared": True}},
+        _config(
+            {
+                f"{TEST}.resources.limits.streamcomputing.com/npu": MISSING,
+                f"{TEST}.resources.limits.streamcomputing.com/npu.shared": 1,
+            }
+        ),
+    ),
+    Case(
+        "sharing.failRequestsGreaterThanOne",
+        {"sharing": {"replicas": 2, "failRequestsGreaterThanOne": True}},
+        _config(),
+    ),
     # Without cdi-cri the agent writes no spec: config only, nothing mounted.
     Case("cdi.specDir", {"cdi": {"specDir": "/etc/cdi"}}, _config()),
     Case(

@@ -37,6 +37,7 @@ from stc_npu_agent import events
 from stc_npu_agent.core.allocation import Delivery
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import DeviceRules, HealthCheck
+from stc_npu_agent.core.sharing import replica_ids
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
 from stc_npu_agent.plugin import (
     PLUGIN_OPTIONS,
@@ -121,7 +122,9 @@ class PluginInstance:
         self._state = state
         self._server = grpc.aio.server()
         api_pb2_grpc.add_DevicePluginServicer_to_server(
-            DevicePluginService(state, config.hpe, self.streams, Delivery.from_config(config)),
+            DevicePluginService(
+                state, config.hpe, self.streams, Delivery.from_config(config), config.sharing
+            ),
             self._server,
         )
         self.registered_at = 0.0
@@ -221,6 +224,8 @@ class Agent:
             "ready": self.ready,
             "registrations": self.registrations,
             "socket": instance.name if instance is not None else None,
+            "resourceName": self.config.advertised_resource,
+            "replicas": self.config.sharing.replicas,
             "npus": [
                 {
                     "id": npu.id,
@@ -229,6 +234,7 @@ class Agent:
                     "expectedNodes": list(npu.expected_nodes),
                     "presentNodes": list(npu.present_nodes),
                     "numaNode": npu.numa_node,
+                    "deviceIds": list(replica_ids(npu.id, self.config.sharing.replicas)),
                     "pci": {
                         "address": npu.pci.address,
                         "vendor": npu.pci.vendor,
@@ -249,6 +255,7 @@ class Agent:
             ids,
             self.config.hpe,
             Delivery.from_config(self.config),
+            sharing=self.config.sharing,
         )
 
     # --- signals ---
@@ -317,6 +324,15 @@ class Agent:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         log.info("effective config: %s", json.dumps(self.config.to_mapping(), sort_keys=True))
+        sharing = self.config.sharing
+        if sharing.shared:
+            log.info(
+                "sharing: each NPU is %d devices of %s (stc0::0 .. stc0::%d), each the whole "
+                "NPU: no memory or fault isolation between the pods that share one",
+                sharing.replicas,
+                self.config.advertised_resource,
+                sharing.replicas - 1,
+            )
         self.state.rescan()
         self._log_inventory()
         self.sinks.update(self.state.inventory)  # before the first registration
@@ -438,7 +454,7 @@ class Agent:
                     api_pb2.RegisterRequest(
                         version=API_VERSION,
                         endpoint=instance.name,
-                        resource_name=self.config.resource_name,
+                        resource_name=self.config.advertised_resource,
                         options=PLUGIN_OPTIONS,
                     ),
                     timeout=REGISTER_TIMEOUT,
@@ -465,7 +481,7 @@ class Agent:
         self._cause = ""
         log.info(
             "registered %s with the kubelet as %s in %.1f ms%s",
-            self.config.resource_name,
+            self.config.advertised_resource,
             instance.name,
             (instance.registered_at - started) * 1000,
             f" (after: {reason})" if reason else "",

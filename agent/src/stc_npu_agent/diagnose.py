@@ -114,7 +114,12 @@ def _allocation(
             return {**answer, "source": "agent", "sourceDetail": detail}
         why_not = detail
     answer = allocation_document(
-        inventory, scanner, [device_id], config.hpe, Delivery.from_config(config)
+        inventory,
+        scanner,
+        [device_id],
+        config.hpe,
+        Delivery.from_config(config),
+        sharing=config.sharing,
     )
     return {**answer, "source": "scan", "sourceDetail": why_not}
 
@@ -214,6 +219,8 @@ def collect(paths: Paths, config: Config, allocate: Sequence[str] = ()) -> dict[
     return {
         "version": __version__,
         "config": config.to_mapping(),
+        # The resource registered with the kubelet (renamed when shared).
+        "resource": config.advertised_resource,
         "paths": {
             "kubeletDir": str(paths.kubelet_dir),
             "devDir": str(paths.dev_dir),
@@ -252,6 +259,13 @@ def render_text(report: dict[str, Any]) -> str:
         f"resource {config['resourceName']}, HPE {hpe['mode']} "
         f"({config['hpe']['hostPath']} -> {config['hpe']['containerPath']})"
     )
+    sharing = config["sharing"]
+    if sharing["replicas"] > 1:
+        lines.append(
+            f"sharing: {sharing['replicas']} replicas per NPU (<npu>::0 .. "
+            f"<npu>::{sharing['replicas'] - 1}) as {report['resource']}"
+            + (", one per container" if sharing["failRequestsGreaterThanOne"] else "")
+        )
     lines += ["", f"NPUs ({len(report['npus'])}):"]
     for npu in report["npus"]:
         numa = "none" if npu["numaNode"] is None else npu["numaNode"]

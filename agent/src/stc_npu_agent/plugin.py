@@ -19,6 +19,7 @@ import grpc
 
 from stc_npu_agent.core.allocation import (
     DEVICE_SPECS_ONLY,
+    NO_SHARING,
     AllocationError,
     ContainerAllocation,
     Delivery,
@@ -26,8 +27,9 @@ from stc_npu_agent.core.allocation import (
     plan_allocation,
     preferred_allocation,
 )
-from stc_npu_agent.core.config import HpeConfig
+from stc_npu_agent.core.config import HpeConfig, SharingConfig
 from stc_npu_agent.core.devices import Inventory
+from stc_npu_agent.core.sharing import repeated_npus, replica_ids
 from stc_npu_agent.discovery import DeviceScanner
 from stc_npu_agent.state import DeviceState
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
@@ -46,13 +48,16 @@ _GRPC_CODES = {
 }
 
 
-def list_response(inventory: Inventory) -> api_pb2.ListAndWatchResponse:
+def list_response(inventory: Inventory, replicas: int = 1) -> api_pb2.ListAndWatchResponse:
+    """Every NPU's IDs (its replicas when shared), each with the NPU's health
+    and NUMA node."""
     devices = []
     for npu in inventory.ordered():
-        device = api_pb2.Device(ID=npu.id, health=npu.health)
-        if npu.numa_node is not None:
-            device.topology.nodes.add(ID=npu.numa_node)
-        devices.append(device)
+        for device_id in replica_ids(npu.id, replicas):
+            device = api_pb2.Device(ID=device_id, health=npu.health)
+            if npu.numa_node is not None:
+                device.topology.nodes.add(ID=npu.numa_node)
+            devices.append(device)
     return api_pb2.ListAndWatchResponse(devices=devices)
 
 
@@ -85,15 +90,17 @@ def checked_allocation(
     ids: Sequence[str],
     hpe: HpeConfig,
     delivery: Delivery = DEVICE_SPECS_ONLY,
+    *,
+    sharing: SharingConfig = NO_SHARING,
 ) -> ContainerAllocation:
     """The Allocate answer for one container: the core's plan, once every node
     it hands out is checked to still be the char device the scan saw (a node
     replaced since, e.g. by ``mknod``, is refused, not handed out rw)."""
-    plan = plan_allocation(inventory, ids, hpe, delivery)
+    plan = plan_allocation(inventory, ids, hpe, delivery, sharing=sharing)
     changed = [
         name
-        for device_id in ids
-        for name, devnum in inventory.npus[device_id].devnums.items()
+        for npu_id in plan.npus
+        for name, devnum in inventory.npus[npu_id].devnums.items()
         if scanner.devnum(name) != devnum
     ]
     if changed:
@@ -110,10 +117,12 @@ def allocation_document(
     ids: Sequence[str],
     hpe: HpeConfig,
     delivery: Delivery = DEVICE_SPECS_ONLY,
+    *,
+    sharing: SharingConfig = NO_SHARING,
 ) -> dict[str, Any]:
     """``checked_allocation`` as JSON-ready data: the answer, or the error."""
     try:
-        plan = checked_allocation(inventory, scanner, ids, hpe, delivery)
+        plan = checked_allocation(inventory, scanner, ids, hpe, delivery, sharing=sharing)
     except AllocationError as error:
         return {"error": {"code": error.kind.name, "message": error.message}}
     return {
@@ -188,11 +197,13 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
         hpe: HpeConfig,
         streams: StreamTracker,
         delivery: Delivery = DEVICE_SPECS_ONLY,
+        sharing: SharingConfig = NO_SHARING,
     ) -> None:
         self.state = state
         self.hpe = hpe
         self.streams = streams
         self.delivery = delivery
+        self.sharing = sharing
 
     async def GetDevicePluginOptions(
         self, request: api_pb2.Empty, context: grpc.aio.ServicerContext[object, object]
@@ -205,14 +216,17 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
         streams = self.streams
         streams.open_streams += 1
         streams.opened_total += 1
-        log.info("kubelet opened ListAndWatch: %d devices", len(self.state.inventory.npus))
+        log.info(
+            "kubelet opened ListAndWatch: %d devices",
+            len(self.state.inventory.npus) * self.sharing.replicas,
+        )
         ended_by_kubelet = True
         try:
             while not streams.closing:
                 # Take the wake-up before sending, so a change that lands
                 # between send and wait is never missed.
                 change = self.state.next_change()
-                yield list_response(self.state.inventory)
+                yield list_response(self.state.inventory, self.sharing.replicas)
                 await change.wait()
             ended_by_kubelet = False
         finally:
@@ -232,7 +246,12 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
             ids = list(container.devices_ids)
             try:
                 plan = checked_allocation(
-                    self.state.inventory, self.state.scanner, ids, self.hpe, delivery
+                    self.state.inventory,
+                    self.state.scanner,
+                    ids,
+                    self.hpe,
+                    delivery,
+                    sharing=self.sharing,
                 )
             except AllocationError as error:
                 log.warning("Allocate refused: %s", error.message)
@@ -243,8 +262,9 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
                     self.state.wake()
                 await context.abort(_GRPC_CODES[error.kind], error.message)
             log.info(
-                "Allocate %s: %d device nodes%s%s",
+                "Allocate %s: %s%d device nodes%s%s",
                 ",".join(sorted(ids)),
+                f"NPUs {','.join(plan.npus)}, " if self.sharing.shared else "",
                 len(plan.devices),
                 ", HPE mounted read-only" if plan.mounts else "",
                 f", CDI {','.join(plan.cdi_devices)}" if plan.cdi_devices else "",
@@ -274,6 +294,8 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
             # does (tests/reliability/test_bad_input.py).
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no container requests")
         responses = []
+        packed: list[str] = []
+        replicas = self.sharing.replicas
         for container in request.container_requests:
             try:
                 ids = preferred_allocation(
@@ -281,11 +303,24 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
                     list(container.available_deviceIDs),
                     list(container.must_include_deviceIDs),
                     container.allocation_size,
+                    replicas=replicas,
                 )
             except AllocationError as error:
                 log.warning("GetPreferredAllocation refused: %s", error.message)
                 await context.abort(_GRPC_CODES[error.kind], error.message)
+            repeated = repeated_npus(ids, replicas)
+            if repeated:
+                given = ", ".join(f"{npu_id} x{count}" for npu_id, count in repeated.items())
+                distinct = len(ids) - sum(repeated.values()) + len(repeated)
+                packed.append(f"{len(ids)} replicas on {distinct} distinct NPUs ({given})")
             responses.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=ids))
+        if packed:
+            # Once per call: the request was larger than the healthy distinct NPUs.
+            log.info(
+                "GetPreferredAllocation: more replicas asked than healthy distinct NPUs "
+                "available, packing: %s",
+                "; ".join(packed),
+            )
         return api_pb2.PreferredAllocationResponse(container_responses=responses)
 
     async def PreStartContainer(

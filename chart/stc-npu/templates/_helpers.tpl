@@ -145,7 +145,7 @@ Argument: (dict "context" <map> "legacy" <bool string>).
 
 {{/*
 The agent's config file. Only resourceName, hpe, discovery,
-deviceListStrategy, stcSetDevices and cdi, written
+deviceListStrategy, stcSetDevices, cdi and sharing, written
 field by field in a fixed order (the agent's own order), so the file and
 its checksum depend only on these values. The discovery lists came after
 0.1.0: an upgrade with --reuse-values has none, and the agent's defaults
@@ -172,6 +172,11 @@ deviceListStrategy:
 stcSetDevices: {{ .Values.stcSetDevices | default "none" | quote }}
 cdi:
   specDir: {{ include "stc-npu.cdiSpecDir" . | quote }}
+{{- $sharing := .Values.sharing | default dict }}
+sharing:
+  replicas: {{ include "stc-npu.replicas" . }}
+  renameShared: {{ dig "renameShared" false $sharing }}
+  failRequestsGreaterThanOne: {{ dig "failRequestsGreaterThanOne" false $sharing }}
 {{- $nfd := include "stc-npu.nfd" . | fromJson }}
 metrics:
   enabled: {{ include "stc-npu.metrics" . | fromJson | dig "enabled" false }}
@@ -184,7 +189,7 @@ nfd:
 {{- end -}}
 
 {{/*
-deviceListStrategy and cdi.specDir with their defaults. Keys added after
+deviceListStrategy, cdi.specDir and sharing with their defaults. Keys added after
 0.1.0 may be absent: `helm upgrade --reuse-values` (helm 3) renders with the
 old release's values, not this chart's values.yaml.
 */}}
@@ -194,6 +199,24 @@ old release's values, not this chart's values.yaml.
 
 {{- define "stc-npu.cdiSpecDir" -}}
 {{- dig "specDir" "/var/run/cdi" (.Values.cdi | default dict) -}}
+{{- end -}}
+
+{{/* sharing.replicas, 1 when absent (releases before sharing, see above). */}}
+{{- define "stc-npu.replicas" -}}
+{{- dig "replicas" 1 (.Values.sharing | default dict) | int -}}
+{{- end -}}
+
+{{/*
+The resource the agent registers and pods request: resourceName, or
+<resourceName>.shared when sharing.renameShared renames shared NPUs (the
+agent's own rule, core/config.py advertised_resource).
+*/}}
+{{- define "stc-npu.advertisedResource" -}}
+{{- if and (gt (int (include "stc-npu.replicas" .)) 1) (dig "renameShared" false (.Values.sharing | default dict)) -}}
+{{- printf "%s.shared" .Values.resourceName -}}
+{{- else -}}
+{{- .Values.resourceName -}}
+{{- end -}}
 {{- end -}}
 
 {{/* "true" when Allocate answers CDI names: the agent then writes the spec. */}}

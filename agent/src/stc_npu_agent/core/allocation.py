@@ -28,16 +28,26 @@ runtime numbers it; cluster k of NPU N is 4·N+k on the host.
   stc1 and stc3 give ``0,1,2,3,4,5,6,7``, where 0-3 are stc1's clusters and
   4-7 stc3's. For a runtime that numbers the NPUs it can see from 0. The
   device nodes keep their host names either way.
+
+With sharing (``sharing.replicas`` > 1, see core/sharing.py) the IDs are
+replicas (``stc0::1``); everything in the answer names physical NPUs, each
+once: a container given two replicas of stc0 gets stc0's nodes once and
+``STC_NPU_DEVICES=stc0``. ``sharing.failRequestsGreaterThanOne`` refuses a
+container more than one replica with INVALID_ARGUMENT: the request itself is
+what is wrong (a retry, or a fresh device list, cannot help), as for any
+other request the config rules out.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from stc_npu_agent.core.config import Config, HpeConfig, StcSetDevices
+from stc_npu_agent.core.config import Config, HpeConfig, SharingConfig, StcSetDevices
 from stc_npu_agent.core.devices import Inventory, Npu
+from stc_npu_agent.core.sharing import npu_id_of, replica_number, stale_id_hint
 
 # Lists the allocated NPU IDs inside the container, e.g. "stc0,stc2".
 DEVICES_ENV = "STC_NPU_DEVICES"
@@ -84,6 +94,8 @@ class ContainerAllocation:
     envs: tuple[tuple[str, str], ...]
     # Fully qualified CDI device names (cdi-cri).
     cdi_devices: tuple[str, ...] = ()
+    # The physical NPUs the container gets, each once, in NPU order.
+    npus: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,7 @@ class Delivery:
 
 # Today's answer, and the default: DeviceSpecs only, no STC_SET_DEVICES.
 DEVICE_SPECS_ONLY = Delivery()
+NO_SHARING = SharingConfig()
 
 
 def hpe_env(hpe: HpeConfig) -> tuple[tuple[str, str], ...]:
@@ -156,20 +169,29 @@ def _duplicates(ids: Sequence[str]) -> list[str]:
     return repeated
 
 
-def _resolve(inventory: Inventory, ids: Sequence[str], what: str) -> list[Npu]:
-    """The NPUs for ``ids``, or AllocationError naming the offending IDs."""
+def _resolve(inventory: Inventory, ids: Sequence[str], what: str, replicas: int = 1) -> list[Npu]:
+    """The NPU behind each of ``ids`` (replica IDs under ``replicas``), or
+    AllocationError naming the offending IDs."""
     repeated = _duplicates(ids)
     if repeated:
         raise AllocationError(ErrorKind.INVALID_ARGUMENT, f"duplicate {what}: {show_ids(repeated)}")
-    unknown = [device_id for device_id in ids if inventory.get(device_id) is None]
+    unknown = [device_id for device_id in ids if _npu(inventory, device_id, replicas) is None]
     if unknown:
-        raise AllocationError(ErrorKind.INVALID_ARGUMENT, f"unknown {what}: {show_ids(unknown)}")
-    npus = [inventory.npus[device_id] for device_id in ids]
-    unhealthy = [npu for npu in npus if not npu.healthy]
+        hint = stale_id_hint(unknown, inventory, replicas)
+        raise AllocationError(
+            ErrorKind.INVALID_ARGUMENT, f"unknown {what}: {show_ids(unknown)}{hint}"
+        )
+    npus = [inventory.npus[npu_id_of(device_id, replicas) or ""] for device_id in ids]
+    unhealthy = list({npu.id: npu for npu in npus if not npu.healthy}.values())
     if unhealthy:
         reasons = "; ".join(f"{npu.id}: {npu.reason}" for npu in unhealthy[:_SHOWN_IDS])
         raise AllocationError(ErrorKind.FAILED_PRECONDITION, f"unhealthy {what}: {reasons}")
     return npus
+
+
+def _npu(inventory: Inventory, device_id: str, replicas: int) -> Npu | None:
+    npu_id = npu_id_of(device_id, replicas)
+    return None if npu_id is None else inventory.get(npu_id)
 
 
 def plan_allocation(
@@ -177,18 +199,28 @@ def plan_allocation(
     ids: Sequence[str],
     hpe: HpeConfig,
     delivery: Delivery = DEVICE_SPECS_ONLY,
+    *,
+    sharing: SharingConfig = NO_SHARING,
 ) -> ContainerAllocation:
     """Device nodes, mounts, env and CDI names for one container asking for ``ids``."""
     if not ids:
         raise AllocationError(ErrorKind.INVALID_ARGUMENT, "no device IDs in the request")
-    npus = sorted(_resolve(inventory, ids, "device IDs"), key=lambda npu: (npu.index, npu.id))
+    if sharing.shared and sharing.fail_requests_greater_than_one and len(ids) > 1:
+        raise AllocationError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"sharing.failRequestsGreaterThanOne: a container may get one replica of a shared "
+            f"NPU, this one asks for {len(ids)}: {show_ids(ids)}",
+        )
+    resolved = _resolve(inventory, ids, "device IDs", sharing.replicas)
+    npus = sorted({npu.id: npu for npu in resolved}.values(), key=lambda npu: (npu.index, npu.id))
+    npu_ids = tuple(npu.id for npu in npus)
     envs = [(DEVICES_ENV, ",".join(npu.id for npu in npus))]
     if delivery.stc_set_devices != "none":
         clusters = cluster_ids(npus, delivery.stc_set_devices)
         envs.append((SET_DEVICES_ENV, ",".join(str(cluster) for cluster in clusters)))
     if not delivery.device_specs:
         # cdi-cri alone: nodes, HPE mount and HPE env come from the CDI spec.
-        return ContainerAllocation((), (), tuple(envs), _cdi_names(npus, delivery))
+        return ContainerAllocation((), (), tuple(envs), _cdi_names(npus, delivery), npu_ids)
     devices = tuple(
         DeviceSpec(f"{HOST_DEV}/{name}", f"{HOST_DEV}/{name}")
         for npu in npus
@@ -198,7 +230,7 @@ def plan_allocation(
         (Mount(hpe.host_path, hpe.container_path, read_only=True),) if hpe.mode == "mapped" else ()
     )
     envs += hpe_env(hpe)
-    return ContainerAllocation(devices, mounts, tuple(envs), _cdi_names(npus, delivery))
+    return ContainerAllocation(devices, mounts, tuple(envs), _cdi_names(npus, delivery), npu_ids)
 
 
 def spec_file_name(kind: str) -> str:
@@ -217,33 +249,49 @@ def _cdi_names(npus: Sequence[Npu], delivery: Delivery) -> tuple[str, ...]:
 
 
 def preferred_allocation(
-    inventory: Inventory, available: Sequence[str], must_include: Sequence[str], size: int
+    inventory: Inventory,
+    available: Sequence[str],
+    must_include: Sequence[str],
+    size: int,
+    *,
+    replicas: int = 1,
 ) -> list[str]:
-    """The IDs to prefer: must-include first, then as few NUMA nodes as possible.
+    """The IDs to prefer: must-include first, then distinct NPUs, then as few
+    NUMA nodes as possible.
 
-    After the must-include IDs, fill from their NUMA nodes; then, if one NUMA
-    node can supply the rest, the smallest such node (best fit keeps larger
-    groups whole for larger requests); otherwise the largest nodes first, so
-    the set spans the fewest NUMA nodes. Ties break on NUMA id, then NPU index:
-    the answer is a function of the inputs alone. Unhealthy IDs in
-    ``available`` are skipped (the kubelet may race a health change).
+    With sharing (``replicas`` > 1) the IDs are replicas, and the set takes
+    replicas of NPUs not yet in it while there are any (a container gets the
+    most NPUs its request can have); only a request larger than the healthy
+    distinct NPUs packs a second replica of an NPU, and then onto the NPUs it
+    holds fewest times. Each such round picks NPUs by the NUMA policy below,
+    and of an NPU its lowest-numbered available replica.
+
+    NUMA policy: after the NPUs already in the set (the must-include IDs'
+    first), fill from their NUMA nodes; then, if one NUMA node can supply the
+    rest, the smallest such node (best fit keeps larger groups whole for
+    larger requests); otherwise the largest nodes first, so the set spans the
+    fewest NUMA nodes. Ties break on NUMA id, then NPU index: the answer is a
+    function of the inputs alone. Unhealthy IDs in ``available`` are skipped
+    (the kubelet may race a health change).
     """
     if size <= 0:
         raise AllocationError(
             ErrorKind.INVALID_ARGUMENT, f"allocation size must be positive, got {size}"
         )
-    unknown = [device_id for device_id in available if inventory.get(device_id) is None]
+    unknown = [device_id for device_id in available if _npu(inventory, device_id, replicas) is None]
     if unknown:
+        hint = stale_id_hint(unknown, inventory, replicas)
         raise AllocationError(
-            ErrorKind.INVALID_ARGUMENT, f"unknown available IDs: {show_ids(unknown)}"
+            ErrorKind.INVALID_ARGUMENT, f"unknown available IDs: {show_ids(unknown)}{hint}"
         )
     if _duplicates(available):
         raise AllocationError(
             ErrorKind.INVALID_ARGUMENT,
             f"duplicate available IDs: {show_ids(_duplicates(available))}",
         )
-    chosen = _resolve(inventory, must_include, "must-include IDs")
-    missing_from_available = [npu.id for npu in chosen if npu.id not in set(available)]
+    chosen = _resolve(inventory, must_include, "must-include IDs", replicas)
+    offered = set(available)
+    missing_from_available = [device_id for device_id in must_include if device_id not in offered]
     if missing_from_available:
         raise AllocationError(
             ErrorKind.INVALID_ARGUMENT,
@@ -254,30 +302,54 @@ def preferred_allocation(
             ErrorKind.INVALID_ARGUMENT,
             f"{len(chosen)} must-include IDs exceed the allocation size {size}",
         )
-    taken = {npu.id for npu in chosen}
-    candidates = [
-        npu
-        for device_id in available
-        if device_id not in taken and (npu := inventory.npus[device_id]).healthy
-    ]
-    usable = len(chosen) + len(candidates)
+    taken = set(must_include)
+    # Free healthy replicas per NPU, lowest replica number first.
+    free: dict[str, list[str]] = {}
+    npus: dict[str, Npu] = {}
+    for device_id in sorted(available, key=replica_number):
+        npu = _npu(inventory, device_id, replicas)
+        if device_id not in taken and npu is not None and npu.healthy:
+            free.setdefault(npu.id, []).append(device_id)
+            npus[npu.id] = npu
+    usable = len(chosen) + sum(len(ids) for ids in free.values())
     if usable < size:
         raise AllocationError(
             ErrorKind.FAILED_PRECONDITION,
             f"allocation size {size} exceeds the {usable} healthy available IDs",
         )
 
+    result = list(must_include)
+    in_set = list(chosen)  # the NPUs of result, in order, once per ID
+    need = size - len(result)
+    while need > 0:
+        # NPUs with a free replica that the set holds fewest times.
+        counts = Counter(npu.id for npu in in_set)
+        held = {npu_id: counts[npu_id] for npu_id in free}
+        fewest = min(held.values())
+        round_npus = [npus[npu_id] for npu_id, count in held.items() if count == fewest]
+        picked = _numa_fill(in_set, round_npus, min(need, len(round_npus)))
+        for npu in picked:
+            result.append(free[npu.id].pop(0))
+            if not free[npu.id]:
+                del free[npu.id]
+        in_set += picked
+        need -= len(picked)
+    return result
+
+
+def _numa_key(numa: int | None) -> int:
+    return 1 << 30 if numa is None else numa  # no topology sorts last
+
+
+def _numa_fill(in_set: Sequence[Npu], candidates: Sequence[Npu], need: int) -> list[Npu]:
+    """``need`` of ``candidates`` (distinct NPUs) by the NUMA policy, given
+    the NPUs already in the set (see ``preferred_allocation``)."""
     groups: dict[int | None, list[Npu]] = {}
     for npu in sorted(candidates, key=lambda npu: (npu.index, npu.id)):
         groups.setdefault(npu.numa_node, []).append(npu)
-
-    def numa_key(numa: int | None) -> int:
-        return 1 << 30 if numa is None else numa  # no topology sorts last
-
-    result = list(chosen)
-    need = size - len(result)
-    # 1. The must-include IDs' NUMA nodes, in the order those IDs came.
-    for numa in dict.fromkeys(npu.numa_node for npu in chosen):
+    result: list[Npu] = []
+    # 1. The NUMA nodes of the NPUs in the set, in the order they came.
+    for numa in dict.fromkeys(npu.numa_node for npu in in_set):
         take = groups.pop(numa, [])[:need]
         result += take
         need -= len(take)
@@ -285,10 +357,10 @@ def preferred_allocation(
     while need > 0:
         fitting = [numa for numa, group in groups.items() if len(group) >= need]
         if fitting:
-            numa = min(fitting, key=lambda n: (len(groups[n]), numa_key(n)))
+            numa = min(fitting, key=lambda n: (len(groups[n]), _numa_key(n)))
         else:
-            numa = min(groups, key=lambda n: (-len(groups[n]), numa_key(n)))
+            numa = min(groups, key=lambda n: (-len(groups[n]), _numa_key(n)))
         take = groups.pop(numa)[:need]
         result += take
         need -= len(take)
-    return [npu.id for npu in result]
+    return result

@@ -28,6 +28,14 @@ DEVICE_LIST_STRATEGIES: tuple[DeviceListStrategy, ...] = ("device-specs", "cdi-c
 StcSetDevices = Literal["none", "global", "local"]
 STC_SET_DEVICES_MODES: tuple[StcSetDevices, ...] = ("none", "global", "local")
 DEFAULT_CDI_SPEC_DIR = "/var/run/cdi"
+# sharing.replicas: the most IDs advertised per NPU. Each replica is a device
+# in every ListAndWatch message and in the kubelet's checkpoint, and a slice
+# of one NPU's memory and time: a hundred sharers is already past any useful
+# share. Two digits keep a replica ID (stc0::99) within the kubelet's 63
+# characters for any NPU ID of up to 59.
+MAX_REPLICAS = 100
+# sharing.renameShared: the shared resource is <resourceName>.shared.
+SHARED_SUFFIX = ".shared"
 
 DEFAULT_RESOURCE_NAME = "streamcomputing.com/npu"
 DEFAULT_HPE_PATH = "/usr/local/hpe"
@@ -90,6 +98,21 @@ class CdiConfig:
 
 
 @dataclass(frozen=True)
+class SharingConfig:
+    # IDs advertised per NPU: 1 is no sharing (the NPU's own ID), N > 1 gives
+    # stc0::0 .. stc0::N-1, each a whole NPU for whoever gets it.
+    replicas: int = 1
+    # With replicas > 1: advertise <resourceName>.shared instead of resourceName.
+    rename_shared: bool = False
+    # With replicas > 1: refuse a container more than one replica.
+    fail_requests_greater_than_one: bool = False
+
+    @property
+    def shared(self) -> bool:
+        return self.replicas > 1
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     # Serve Prometheus metrics at /metrics on the probe port.
     enabled: bool = False
@@ -114,8 +137,17 @@ class Config:
     device_list_strategy: tuple[DeviceListStrategy, ...] = ("device-specs",)
     stc_set_devices: StcSetDevices = "none"
     cdi: CdiConfig = field(default_factory=CdiConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     nfd: NfdConfig = field(default_factory=NfdConfig)
+
+    @property
+    def advertised_resource(self) -> str:
+        """The resource registered with the kubelet (renamed when shared)."""
+        if self.sharing.shared and self.sharing.rename_shared:
+            return self.resource_name + SHARED_SUFFIX
+        return self.resource_name
 
     @property
     def uses_cdi(self) -> bool:
@@ -141,6 +173,11 @@ class Config:
             "deviceListStrategy": list(self.device_list_strategy),
             "stcSetDevices": self.stc_set_devices,
             "cdi": {"specDir": self.cdi.spec_dir},
+            "sharing": {
+                "replicas": self.sharing.replicas,
+                "renameShared": self.sharing.rename_shared,
+                "failRequestsGreaterThanOne": self.sharing.fail_requests_greater_than_one,
+            },
             "metrics": {"enabled": self.metrics.enabled},
             "nfd": {
                 "enabled": self.nfd.enabled,
@@ -257,6 +294,25 @@ def _stc_set_devices(key: str, value: object) -> str:
         known = ", ".join(STC_SET_DEVICES_MODES)
         raise ConfigError(f"{key}: expected one of {known}, got {_describe(value)}")
     return str(value)
+
+
+def _boolean(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+    return value
+
+
+def _replicas(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f"{key}: expected a whole number 1-{MAX_REPLICAS}, got {_describe(value)}"
+        )
+    if not 1 <= value <= MAX_REPLICAS:
+        raise ConfigError(
+            f"{key}: must be 1 (no sharing) to {MAX_REPLICAS}, got {value} "
+            f"(each replica is a device the kubelet lists and checkpoints)"
+        )
+    return value
 
 
 def _index_pattern(key: str, value: object) -> str:
@@ -391,12 +447,6 @@ def _check_required_members(discovery: DiscoveryConfig) -> None:
                 )
 
 
-def _boolean(key: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
-    return value
-
-
 def _expiry_seconds(key: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{key}: expected a whole number of seconds, got {_describe(value)}")
@@ -474,6 +524,11 @@ _SECTIONS: dict[str, dict[str, tuple[Validator, str]]] = {
     "cdi": {
         "specDir": (_absolute_path, "spec_dir"),
     },
+    "sharing": {
+        "replicas": (_replicas, "replicas"),
+        "renameShared": (_boolean, "rename_shared"),
+        "failRequestsGreaterThanOne": (_boolean, "fail_requests_greater_than_one"),
+    },
     "metrics": {
         "enabled": (_boolean, "enabled"),
     },
@@ -532,15 +587,31 @@ def parse_config(raw: object) -> Config:
     )
     _check_required_members(discovery)
     cdi = CdiConfig(**_section_values("cdi", raw.get("cdi"), _SECTIONS["cdi"]))  # type: ignore[arg-type]
+    sharing = SharingConfig(**_section_values("sharing", raw.get("sharing"), _SECTIONS["sharing"]))  # type: ignore[arg-type]
     metrics = MetricsConfig(**_section_values("metrics", raw.get("metrics"), _SECTIONS["metrics"]))  # type: ignore[arg-type]
     nfd_config = NfdConfig(**_section_values("nfd", raw.get("nfd"), _SECTIONS["nfd"]))  # type: ignore[arg-type]
-    config = Config(hpe=hpe, discovery=discovery, cdi=cdi, metrics=metrics, nfd=nfd_config, **top)  # type: ignore[arg-type]
+    config = Config(
+        hpe=hpe,
+        discovery=discovery,
+        cdi=cdi,
+        sharing=sharing,
+        metrics=metrics,
+        nfd=nfd_config,
+        **top,  # type: ignore[arg-type]
+    )
     _check_combination(config)
     return config
 
 
 def _check_combination(config: Config) -> None:
     """Rules across keys: each value alone was valid."""
+    advertised = config.advertised_resource
+    problem = extended_resource_name_problem(advertised)
+    if problem:
+        raise ConfigError(
+            f"sharing.renameShared: the shared resource {advertised!r} "
+            f"(resourceName + {SHARED_SUFFIX!r}) is not a valid resource name: {problem}"
+        )
     if config.uses_cdi:
         problem = cdi_kind_problem(config.resource_name)
         if problem:
