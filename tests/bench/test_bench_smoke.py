@@ -64,6 +64,10 @@ EXPECTED = {
     "probe_flood_threads",
     "probe_flood_rss_mb",
     "probe_flood_healthz_ms",
+    # Health: the vendor probe
+    "vendor_probe_agent_cpu_ms_per_npu",
+    "vendor_probe_reading_to_unhealthy_ms",
+    "vendor_probe_card_off_to_unhealthy_ms",
 }
 # Differences between two readings, which may come out below zero.
 MAY_BE_NEGATIVE = {"rss_growth_mb", "probe_flood_threads", "probe_flood_rss_mb"}
