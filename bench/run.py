@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from stc_npu_agent.testing.fake_stc_smi import FakeStcSmi
 from stc_npu_agent.testing.kubelet import Device, KubeletEmulator
 from stc_npu_agent.testing.simnode import SimNode
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
@@ -89,6 +90,8 @@ class Plan:
     storm_ops: int
     burst_adds: int
     import_runs: int
+    probe_seconds: float
+    probe_flips: int
     stale_restarts: int
     burst_trials: int
     burst_restarts: int
@@ -113,6 +116,8 @@ FULL = Plan(
     storm_ops=1000,
     burst_adds=3,
     import_runs=10,
+    probe_seconds=30.0,
+    probe_flips=20,
     stale_restarts=30,
     burst_trials=10,
     burst_restarts=30,
@@ -136,6 +141,8 @@ QUICK = Plan(
     storm_ops=100,
     burst_adds=1,
     import_runs=2,
+    probe_seconds=2.0,
+    probe_flips=2,
     stale_restarts=2,
     burst_trials=1,
     burst_restarts=5,
@@ -1573,6 +1580,85 @@ def scrape_cost(bench: Bench) -> None:
     )
 
 
+def has_health(devices: Mapping[str, Device], *, npu: str, health: str) -> bool:
+    return npu in devices and devices[npu].health == health
+
+
+def query_runs(tool: FakeStcSmi, index: int | None = None) -> list[float]:
+    """Start times (monotonic) of the fake stc-smi's -q runs (of NPU ``index``)."""
+    runs = []
+    for line in tool.calls():
+        args, _, at = line.rpartition(" @")
+        if args.startswith("-q -i ") and (index is None or args == f"-q -i {index}"):
+            runs.append(float(at))
+    return runs
+
+
+def vendor_probe(bench: Bench) -> None:
+    """The vendor probe with the fake stc-smi on an 8-NPU node, every second:
+    the agent's own CPU per NPU probed, and the time from the run that reads
+    a card off to the kubelet's Unhealthy listing (cardStatus thresholds 1,
+    so the figure is the pipeline; each extra failThreshold reading adds one
+    intervalSeconds)."""
+    plan = bench.plan
+    node = SimNode(bench.root / "node-probe")
+    for index in range(MAIN_NPUS):
+        node.add_npu(index, numa_node=index // 4)
+    tool = FakeStcSmi(bench.root / "hpe-probe", npus=MAIN_NPUS)
+    config = bench.root / "probe-config.yaml"
+    probe = {"enabled": True, "tool": str(tool.path), "intervalSeconds": 1, "timeoutSeconds": 1}
+    once = {"failThreshold": 1, "recoverThreshold": 1}
+    config.write_text(
+        json.dumps({"health": {"vendorProbe": probe, "signals": {"cardStatus": once}}})
+    )
+    kubelet = bench.kubelet("kubelet-probe")
+    agent = bench.agent(kubelet, node, extra_args=["--config", str(config)])
+    kubelet.wait_registered(RESOURCE, timeout=WAIT)
+    time.sleep(2.0)  # past the first runs
+    runs0, cpu0 = len(query_runs(tool)), cpu_seconds(agent.pid)
+    time.sleep(plan.probe_seconds)
+    runs, cpu = len(query_runs(tool)) - runs0, cpu_seconds(agent.pid) - cpu0
+    bench.add(
+        Result(
+            "vendor_probe_agent_cpu_ms_per_npu",
+            "agent CPU per NPU probed (its own process, not stc-smi's)",
+            "ms",
+            [cpu / max(runs, 1) * 1000],
+            extra={"runs": runs, "seconds": plan.probe_seconds, "npus": MAIN_NPUS},
+        )
+    )
+    from_reading, from_change = [], []
+    for k in range(plan.probe_flips):
+        index = k % MAIN_NPUS
+        npu = f"stc{index}"
+        began = time.monotonic()
+        tool.set(index, status="off")
+        off = partial(has_health, npu=npu, health=UNHEALTHY)
+        wait_devices(kubelet, off, f"{npu} off")
+        seen = first_update(kubelet, began, off)
+        reading = min(t for t in query_runs(tool, index) if t >= began)
+        from_reading.append((seen - reading) * 1000)
+        from_change.append((seen - began) * 1000)
+        tool.reset(index)
+        wait_devices(kubelet, partial(has_health, npu=npu, health=HEALTHY), f"{npu} back")
+    bench.add(
+        Result(
+            "vendor_probe_reading_to_unhealthy_ms",
+            "stc-smi run that reads a card off -> Unhealthy listed",
+            "ms",
+            from_reading,
+        )
+    )
+    bench.add(
+        Result(
+            "vendor_probe_card_off_to_unhealthy_ms",
+            "card turns off -> Unhealthy listed (waits for the next run; interval 1 s)",
+            "ms",
+            from_change,
+        )
+    )
+
+
 MAX_ROTATE = MAIN_NPUS
 PHASES = (
     "main",
@@ -1584,6 +1670,7 @@ PHASES = (
     "devnoise",
     "probeflood",
     "scrape",
+    "vendorprobe",
 )
 
 
@@ -1647,6 +1734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "devnoise": lambda: dev_noise(bench, exposure),
             "probeflood": lambda: probe_flood(bench, exposure),
             "scrape": lambda: scrape_cost(bench),
+            "vendorprobe": lambda: vendor_probe(bench),
         }
         for phase in phases:
             print(f"[{phase}]", flush=True)

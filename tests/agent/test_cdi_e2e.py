@@ -23,7 +23,7 @@ SPEC_NAME = "streamcomputing.com-npu.json"
 NPU_NODES = ["", "c0", "c1", "c2", "c3", "ctrl"]
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -128,7 +128,7 @@ def test_spec_follows_unplug_replug_and_new_npus(
 ) -> None:
     agent = start_agent(config=cdi_config(spec_dir, "cdi-cri", hpe={"mode": "unmapped"}))
     kubelet.wait_registered(RESOURCE)
-    assert device_names(spec_dir) == ["stc0", "stc1", "stc2", "stc3"]
+    wait_for(lambda: device_names(spec_dir) == ["stc0", "stc1", "stc2", "stc3"], "the spec")
 
     node.unplug(1)
     wait_for(lambda: device_names(spec_dir) == ["stc0", "stc2", "stc3"], "stc1 leaves the spec")

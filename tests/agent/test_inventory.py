@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stc_npu_agent.core.config import DiscoveryConfig
+from stc_npu_agent.core.config import DiscoveryConfig, SignalPolicy
 from stc_npu_agent.core.devices import (
     HEALTHY,
     SETTLING,
@@ -12,11 +12,11 @@ from stc_npu_agent.core.devices import (
     Naming,
     NodeKind,
     NodeObservation,
-    Npu,
     PciInfo,
     describe_changes,
     node_sort_key,
 )
+from stc_npu_agent.core.health import HealthBook, Reading
 
 RULES = DeviceRules()
 NAMING = RULES.naming
@@ -157,24 +157,28 @@ def test_pci_info_is_kept_while_unplugged() -> None:
     assert gone.npus["stc0"].pci.vendor == "0x23e2"
 
 
-class AlwaysHot:
-    def __init__(self, bad: str) -> None:
-        self.bad = bad
-        self.seen: list[str] = []
-
-    def problem(self, npu: Npu) -> str | None:
-        self.seen.append(npu.id)
-        return "temperature above shutdown limit" if npu.id == self.bad else None
-
-
-def test_extra_health_check_runs_only_for_present_npus() -> None:
-    check = AlwaysHot("stc1")
-    full = Inventory().updated(npu_nodes(0) + npu_nodes(1), RULES, [check])
-    assert full.npus["stc1"].reason == "temperature above shutdown limit"
-    assert full.npus["stc0"].healthy
-    check.seen.clear()
-    Inventory(full.npus).updated(npu_nodes(0), RULES, [check])
-    assert check.seen == ["stc0"]
+def test_vendor_signals_that_count_make_the_npu_unhealthy_with_their_reason() -> None:
+    policies = {
+        "cardStatus": SignalPolicy(fail_threshold=1),
+        "temperature": SignalPolicy(action="ignore", fail_threshold=1),
+    }
+    book = HealthBook().observed("stc1", [Reading("cardStatus", True, "off")], policies)
+    book = book.observed("stc0", [Reading("temperature", True, "90 C (alert 85 C)")], policies)
+    inventory = Inventory().updated(npu_nodes(0) + npu_nodes(1), RULES, book)
+    assert not inventory.npus["stc1"].healthy
+    assert inventory.npus["stc1"].reason == "cardStatus off"
+    # Ignored: shown in the signals, not in the health.
+    assert inventory.npus["stc0"].healthy
+    assert inventory.npus["stc0"].signals["temperature"].bad
+    # The nodes' own signals are there too, and say why when bad.
+    gone = Inventory(inventory.npus).updated(npu_nodes(0), RULES, book)
+    assert gone.npus["stc1"].signals["presence"].bad
+    assert (
+        gone.npus["stc1"].reason
+        == "missing "
+        + ", ".join(f"stc1{suffix}" for suffix in ("", "c0", "c1", "c2", "c3", "ctrl"))
+        + "; cardStatus off"
+    )
 
 
 def test_describe_changes_lines() -> None:

@@ -144,11 +144,18 @@ def test_an_impostor_is_logged_once_per_change(
 
     with caplog.at_level(logging.INFO, logger="stc_npu_agent"):
         run(scenario)
-    lines = [record.getMessage() for record in caplog.records]
+    messages = [record.getMessage() for record in caplog.records]
+    lines = [line for line in messages if line.startswith("device ")]
     assert sum("stc0c1: 1:3 is not a PCI device" in line for line in lines) == 2, lines
     assert sum("stc0c2: 1:3 is not a PCI device" in line for line in lines) == 1, lines
     assert [line for line in lines if "stc1" in line][1:] == [
         "device stc1 Healthy -> Unhealthy (missing stc1, stc1c0, stc1c1, stc1c2, stc1c3, stc1ctrl)"
+    ]
+    # And one line per signal transition: the driver signal turned bad once.
+    transitions = [line for line in messages if line.startswith("health ")]
+    assert transitions == [
+        "health stc0 pciDriver ok -> bad: stc0c1: 1:3 is not a PCI device",
+        "health stc1 presence ok -> bad: missing stc1, stc1c0, stc1c1, stc1c2, stc1c3, stc1ctrl",
     ]
 
 

@@ -68,6 +68,10 @@ EXPECTED = {
     "scrape_ms",
     "scrape_agent_cpu_ms",
     "metrics_rss_added_mb",
+    # Health: the vendor probe
+    "vendor_probe_agent_cpu_ms_per_npu",
+    "vendor_probe_reading_to_unhealthy_ms",
+    "vendor_probe_card_off_to_unhealthy_ms",
 }
 # Differences between two readings, which may come out below zero.
 MAY_BE_NEGATIVE = {

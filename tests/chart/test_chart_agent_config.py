@@ -26,6 +26,7 @@ CONFIG_KEYS = (
     "deviceListStrategy",
     "stcSetDevices",
     "cdi",
+    "health",
     "sharing",
 )
 

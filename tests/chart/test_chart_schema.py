@@ -49,6 +49,12 @@ SCHEMA_ERRORS = [
     (["test.image.tagg=1"], r"tagg"),
     (["affinity.nodeAffinty.x=y"], r"nodeAffinty"),
     (["resources.request.cpu=1"], r"request"),
+    (["health.vendorProbe.enabled=yes"], r"health[./]vendorProbe[./]enabled"),
+    (["health.vendorProbe.tool=stc-smi"], r"health[./]vendorProbe[./]tool"),
+    (["health.vendorProbe.concurrency=0"], r"health[./]vendorProbe[./]concurrency"),
+    (["health.signals.presence.policy=ignore"], r"presence"),
+    (["health.signals.cardStatus.policy=warn"], r"health[./]signals[./]cardStatus[./]policy"),
+    (["health.signals.probeFailed.failThreshold=1.5"], r"failThreshold"),
     (["deviceListStrategy={cdi}"], r"deviceListStrategy"),
     (["deviceListStrategy={cdi-cri,cdi-cri}"], r"deviceListStrategy"),
     (["deviceListStrategy=cdi-cri"], r"deviceListStrategy"),  # a string, not a list
@@ -98,6 +104,14 @@ TEMPLATE_ERRORS = [
     (["resourceName=npu.kubernetes.io/x"], r"resourceName: .*kubernetes\.io domain is reserved"),
     (["resourceName=requests.example.com/npu"], r"resourceName: .*requests\."),
     (["probes.port=9836"], r"probes\.port: 9836 is the vendor's npu-exporter port"),
+    (
+        ["health.vendorProbe.enabled=true", "hpe.mode=unmapped"],
+        r"health\.vendorProbe\.enabled: needs hpe\.mode mapped",
+    ),
+    (
+        ["health.vendorProbe.enabled=true", "health.vendorProbe.timeoutSeconds=30"],
+        r"health\.vendorProbe\.timeoutSeconds: 30 is longer than intervalSeconds 10",
+    ),
     (
         ["deviceListStrategy={cdi-cri}", "resourceName=3com.example/npu"],
         r"deviceListStrategy: cdi-cri uses resourceName \"3com\.example/npu\" as the CDI kind",

@@ -115,6 +115,58 @@ CASES = [
     Case("discovery.pciVendors", {"discovery": {"pciVendors": ["0x23e2", "0x1e3a"]}}, _config()),
     Case("discovery.drivers", {"discovery": {"drivers": ["stc", "stc_next"]}}, _config()),
     Case(
+        "health.vendorProbe.enabled",
+        {"health": {"vendorProbe": {"enabled": True}}},
+        _config(
+            {
+                f"{DS_SKIP}skip7": ANY,  # privileged
+                f"{DS_SKIP}skip8": ANY,  # allowPrivilegeEscalation
+                f"{DS_SKIP}skip9": ANY,  # capabilities
+                f"{DS_SKIP}skip10": ANY,  # NET_RAW
+                f"{C}.securityContext.privileged": True,
+                f"{C}.securityContext.allowPrivilegeEscalation": True,
+                f"{C}.securityContext.capabilities.drop.0": MISSING,
+                f"{C}.volumeMounts.5.name": "host-hpe",
+                f"{C}.volumeMounts.5.mountPath": "/usr/local/hpe",
+                f"{C}.volumeMounts.5.readOnly": True,
+                f"{C}.volumeMounts.6.name": "host-dev",
+                f"{C}.volumeMounts.6.mountPath": "/dev",
+                f"{C}.volumeMounts.6.readOnly": True,
+            }
+        ),
+    ),
+    Case("health.vendorProbe.tool", {"health": {"vendorProbe": {"tool": "/opt/smi"}}}, _config()),
+    Case(
+        "health.vendorProbe.libraryPath",
+        {"health": {"vendorProbe": {"libraryPath": ""}}},
+        _config(),
+    ),
+    Case(
+        "health.vendorProbe.intervalSeconds",
+        {"health": {"vendorProbe": {"intervalSeconds": 60}}},
+        _config(),
+    ),
+    Case(
+        "health.vendorProbe.timeoutSeconds",
+        {"health": {"vendorProbe": {"timeoutSeconds": 2.5}}},
+        _config(),
+    ),
+    Case(
+        "health.vendorProbe.concurrency",
+        {"health": {"vendorProbe": {"concurrency": 1}}},
+        _config(),
+    ),
+    Case("health.vendorProbe.clusters", {"health": {"vendorProbe": {"clusters": 8}}}, _config()),
+    *(
+        Case(
+            f"health.signals.{signal}.{key}",
+            {"health": {"signals": {signal: {key: value}}}},
+            _config(),
+        )
+        for signal in ("cardStatus", "clusterStatus", "temperature", "probeFailed")
+        for key, value in (("policy", "ignore"), ("failThreshold", 7), ("recoverThreshold", 9))
+    ),
+    Case(
         "deviceListStrategy",
         {"deviceListStrategy": ["cdi-cri"]},
         _config(

@@ -36,7 +36,8 @@ import grpc
 from stc_npu_agent import events
 from stc_npu_agent.core.allocation import Delivery
 from stc_npu_agent.core.config import Config
-from stc_npu_agent.core.devices import DeviceRules, HealthCheck
+from stc_npu_agent.core.devices import DeviceRules
+from stc_npu_agent.core.health import signals_document
 from stc_npu_agent.core.sharing import replica_ids
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
 from stc_npu_agent.plugin import (
@@ -48,6 +49,7 @@ from stc_npu_agent.plugin import (
 from stc_npu_agent.sinks import SinkSet, sinks_for
 from stc_npu_agent.state import DeviceState
 from stc_npu_agent.v1beta1 import api_pb2, api_pb2_grpc
+from stc_npu_agent.vendor_probe import health_sources
 from stc_npu_agent.watch import DirectoryWatcher
 
 log = logging.getLogger(__name__)
@@ -169,7 +171,6 @@ class Agent:
         dev_dir: str | Path,
         sys_dir: str | Path,
         config: Config,
-        checks: Sequence[HealthCheck] = (),
         *,
         hpe_dir: str | Path | None = None,
     ) -> None:
@@ -179,11 +180,12 @@ class Agent:
         rules = DeviceRules(config.discovery)
         self.naming = rules.naming
         self.scanner = DeviceScanner(dev_dir, sys_dir, rules)
-        self.checks = tuple(checks)
         # asyncio objects bind to the loop on first use (Python 3.10+), so
         # they can be made here, before run() starts the loop; the probes
         # may read the state from their thread before that.
-        self.state = DeviceState(self.scanner, self.checks)
+        self.state = DeviceState(self.scanner, config.health)
+        # Health sources beyond the scan (the vendor probe): tasks of run().
+        self.sources = health_sources(self.state, config.health)
         # Side effects that follow the inventory (the CDI spec, the NFD feature file).
         self.sinks = SinkSet(
             sinks_for(
@@ -224,6 +226,7 @@ class Agent:
             "ready": self.ready,
             "registrations": self.registrations,
             "socket": instance.name if instance is not None else None,
+            "vendorProbe": self.state.probe_document(),
             "resourceName": self.config.advertised_resource,
             "replicas": self.config.sharing.replicas,
             "npus": [
@@ -231,6 +234,7 @@ class Agent:
                     "id": npu.id,
                     "health": npu.health,
                     "reason": npu.reason,
+                    "signals": signals_document(npu.signals),
                     "expectedNodes": list(npu.expected_nodes),
                     "presentNodes": list(npu.present_nodes),
                     "numaNode": npu.numa_node,
@@ -340,6 +344,7 @@ class Agent:
         self.watcher.add(self.scanner.dev_dir, self._on_dev_dir_event)
         self.watcher.add(self.kubelet_dir, self._on_kubelet_dir_event)
         ticker = asyncio.create_task(self._tick())
+        sources = [asyncio.create_task(source.run()) for source in self.sources]
         follower = asyncio.create_task(self.sinks.follow(self.state, TICK_SECONDS))
         try:
             await self._lifecycle()
@@ -347,6 +352,10 @@ class Agent:
             ticker.cancel()
             follower.cancel()
             self.registered = False
+            for task in sources:
+                task.cancel()
+            # A source ends its own runs (e.g. kills a running stc-smi).
+            await asyncio.gather(*sources, return_exceptions=True)
             if self.instance is not None:
                 await self.instance.close()
             # After our own socket is gone: any socket of ours that still
@@ -661,6 +670,7 @@ def run(
             metrics = Metrics()
             metrics.watch(AgentSource(agent))
             agent.state.events = metrics
+            agent.state.observers.append(metrics)
             probes.routes["/metrics"] = metrics.scrape
         probes.start()
     elif config.metrics.enabled:

@@ -13,6 +13,7 @@ kubelet leaving.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,6 +29,7 @@ from stc_npu_agent.agent import KUBELET_SOCKET, SOCKET_PREFIX, unix_socket_state
 from stc_npu_agent.core.allocation import Delivery, spec_file_name
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import DeviceRules, Inventory, PciInfo
+from stc_npu_agent.core.health import SIGNALS, signals_document
 from stc_npu_agent.discovery import DeviceScanner, hpe_problem
 from stc_npu_agent.plugin import allocation_document
 from stc_npu_agent.probes import parse_address
@@ -139,9 +141,11 @@ def _npu_entries(
         if seen is not None:
             health, reason, numa = seen["health"], seen["reason"], seen["numaNode"]
             expected, present = seen["expectedNodes"], set(seen["presentNodes"])
+            signals = seen.get("signals", {})
         elif local is not None:
             health, reason, numa = local.health, local.reason, local.numa_node
             expected, present = list(local.expected_nodes), set(local.present_nodes)
+            signals = signals_document(local.signals)
         else:
             continue
         # The agent remembers the PCI facts of an NPU that vanished.
@@ -152,6 +156,7 @@ def _npu_entries(
                 "id": device_id,
                 "health": health,
                 "reason": reason,
+                "signals": signals,
                 "source": "agent" if seen is not None else "scan",
                 "nodes": [{"name": name, "present": name in present} for name in expected],
                 "numaNode": numa,
@@ -237,6 +242,7 @@ def collect(paths: Paths, config: Config, allocate: Sequence[str] = ()) -> dict[
             "sockets": own,
             "registered": registered,
             "registeredDetail": status_detail,
+            "vendorProbe": status.get("vendorProbe") if status else None,
         },
         "hpe": {"mode": config.hpe.mode, "hostPath": config.hpe.host_path, "problem": hpe},
         "allocate": {
@@ -279,6 +285,8 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append(f"         nodes: {nodes}")
         if npu["reason"]:
             lines.append(f"         why: {npu['reason']}")
+        if npu["signals"]:
+            lines.append(f"         signals: {_render_signals(npu['signals'])}")
     kubelet = report["kubelet"]
     generation = (
         "1.18-1.25 (DEPRECATION file)" if kubelet["deprecationFile"] else "1.26+ or unknown"
@@ -291,6 +299,7 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append("agent socket: none")
     registered = {True: "yes", False: "no", None: "unknown"}[agent["registered"]]
     lines.append(f"registered: {registered} ({agent['registeredDetail']})")
+    lines.append(_vendor_probe_line(agent["vendorProbe"]))
     for device_id, answer in report["allocate"].items():
         lines += ["", *_render_allocation(device_id, answer)]
     lines.append("")
@@ -300,6 +309,35 @@ def render_text(report: dict[str, Any]) -> str:
     else:
         lines.append("no problems found")
     return "\n".join(lines) + "\n"
+
+
+def _render_signals(signals: dict[str, dict[str, Any]]) -> str:
+    """``presence ok, cardStatus BAD (off), temperature bad, ignored (...)``."""
+    parts = []
+    rank = {name: position for position, name in enumerate(SIGNALS)}
+    for name, signal in sorted(signals.items(), key=lambda item: rank.get(item[0], len(rank))):
+        text = f"{name} {'BAD' if signal['counts'] else signal['state']}"
+        if signal["ignored"]:
+            text += ", ignored"
+        if signal["state"] == "bad" or signal["streak"]:
+            text += f" ({signal['value']}"
+            if signal["streak"]:
+                text += f"; {signal['streak']} of {signal['needed']} readings to change"
+            text += ")"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _vendor_probe_line(probe: dict[str, Any] | None) -> str:
+    if probe is None:
+        return "vendor probe: off, or no run yet (only the running agent has it)"
+    failed = ", ".join(probe["lastRunFailed"]) or "none"
+    success = probe["lastSuccessAt"]
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(success)) if success else "never"
+    return (
+        f"vendor probe: last run {probe['lastRunSeconds'] * 1000:.0f} ms, failed: {failed}; "
+        f"last fully successful run {when}"
+    )
 
 
 def _render_allocation(device_id: str, answer: dict[str, Any]) -> list[str]:

@@ -47,9 +47,9 @@ class AgentEvents:
         """A rescan changed the inventory (a new object, not a copy)."""
 
     # --- health signals and the vendor probe -------------------------------
-    # HEALTH HOOK: the health engine (signals with hysteresis, the stc-smi
-    # probe) calls these two; until it exists, metrics.Metrics derives
-    # transitions from inventory_changed (node presence and identity only).
+    # Health: metrics.Metrics derives NPU health flips from inventory_changed
+    # (under the signal that caused each); the vendor probe's runs come
+    # through the state's health observers (see Agent.run).
 
     def health_transition(self, npu_id: str, signal: str, healthy: bool) -> None:
         """An NPU turned Healthy or Unhealthy because of ``signal``."""

@@ -35,8 +35,10 @@ from prometheus_client.registry import Collector
 
 from stc_npu_agent import __version__
 from stc_npu_agent.core.devices import HEALTHY, SETTLING, UNHEALTHY, Inventory, Npu
+from stc_npu_agent.core.health import Transition
 from stc_npu_agent.events import CAUSES, AgentEvents, KubeletIdentity
 from stc_npu_agent.probes import Query, Reply
+from stc_npu_agent.state import ProbeRun
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -56,7 +58,7 @@ PROBE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PRESENCE = "presence"  # a node missing, dead, or not a character device
 IDENTITY = "identity"  # a node that is not this NPU's by sysfs
 SETTLE = "settling"  # a new NPU waiting for all its nodes
-CHECK = "check"  # a HealthCheck's problem
+CHECK = "check"  # any other problem
 
 
 class Source(Protocol):
@@ -107,6 +109,10 @@ def health_signal(npu: Npu) -> str:
         return PRESENCE
     if npu.reason == SETTLING:
         return SETTLE
+    # The vendor probe's signals that count (cardStatus, clusterStatus, ...).
+    for name, signal in npu.signals.items():
+        if signal.counts:
+            return name
     return CHECK
 
 
@@ -252,13 +258,21 @@ class Metrics(AgentEvents):
         self.calls.labels(method, code).observe(seconds)
 
     def inventory_changed(self, before: Inventory, after: Inventory) -> None:
-        # HEALTH HOOK: with the health engine, its health_transition calls
-        # replace this derivation.
+        # Per NPU flip, under the signal that made it Unhealthy (the health
+        # engine's own per-signal hysteresis is in /status and diagnose).
         for npu_id, signal, healthy in health_transitions(before, after):
             self.health_transition(npu_id, signal, healthy)
 
     def health_transition(self, npu_id: str, signal: str, healthy: bool) -> None:
         self.transitions.labels(signal, HEALTHY if healthy else UNHEALTHY).inc()
+
+    # --- a health observer of the state (state.HealthObserver) ---
+
+    def transition(self, change: Transition) -> None:
+        """Counted per NPU flip instead (``inventory_changed``)."""
+
+    def probe_run(self, run: ProbeRun) -> None:
+        self.probe_finished(run.duration, run.ok)
 
     def probe_finished(self, seconds: float, ok: bool) -> None:
         self.probe_duration.observe(seconds)

@@ -145,11 +145,11 @@ Argument: (dict "context" <map> "legacy" <bool string>).
 
 {{/*
 The agent's config file. Only resourceName, hpe, discovery,
-deviceListStrategy, stcSetDevices, cdi and sharing, written
-field by field in a fixed order (the agent's own order), so the file and
-its checksum depend only on these values. The discovery lists came after
-0.1.0: an upgrade with --reuse-values has none, and the agent's defaults
-(the same as values.yaml's) apply.
+deviceListStrategy, stcSetDevices, cdi, health and sharing, written field by
+field in a fixed order (the agent's own order; health as sorted YAML), so the
+file and its checksum depend only on these values. The discovery lists and
+the later sections came after 0.1.0: an upgrade with --reuse-values has
+none, and the agent's defaults (the same as values.yaml's) apply.
 */}}
 {{- define "stc-npu.configFile" -}}
 resourceName: {{ .Values.resourceName | quote }}
@@ -172,6 +172,10 @@ deviceListStrategy:
 stcSetDevices: {{ .Values.stcSetDevices | default "none" | quote }}
 cdi:
   specDir: {{ include "stc-npu.cdiSpecDir" . | quote }}
+{{- with .Values.health }}
+health:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- $sharing := .Values.sharing | default dict }}
 sharing:
   replicas: {{ include "stc-npu.replicas" . }}
@@ -240,6 +244,14 @@ The metrics and nfd values with their defaults, as JSON: an upgrade with
 {{- /* A map of the user's: theirs replaces ours whole (merging would keep 0x0100). */ -}}
 {{- if hasKey $nfd "models" }}{{ $_ := set $defaults "models" (dict) }}{{ end -}}
 {{- mergeOverwrite $defaults $nfd | toJson -}}
+{{- end -}}
+
+{{/*
+"true" when the vendor probe is on, else "" (an upgrade with --reuse-values
+from 0.1.0 has no health values: off).
+*/}}
+{{- define "stc-npu.vendorProbe" -}}
+{{- if dig "vendorProbe" "enabled" false (.Values.health | default dict) }}true{{ end -}}
 {{- end -}}
 
 {{/*

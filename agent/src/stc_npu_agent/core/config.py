@@ -66,6 +66,17 @@ DEFAULT_HPE_VERSION_FILE = "version"
 # The vendor's npu-exporter listens here; nothing of ours may.
 NPU_EXPORTER_PORT = 9836
 
+# Health signals whose policy and hysteresis the config sets: the vendor
+# probe's. Node presence and the PCI function's identity and driver are not
+# configurable: an NPU without its nodes or its driver cannot be handed out,
+# so they turn an NPU Unhealthy at once and Healthy when they are back.
+SignalAction = Literal["ignore", "unhealthy"]
+SIGNAL_ACTIONS: tuple[SignalAction, ...] = ("ignore", "unhealthy")
+PROBE_SIGNALS = ("cardStatus", "clusterStatus", "temperature", "probeFailed")
+DEFAULT_STC_SMI = "/usr/local/hpe/bin/stc-smi"
+# The vendor's images run HPE tools with LD_LIBRARY_PATH=/usr/local/hpe/lib.
+DEFAULT_STC_SMI_LIBRARIES = "/usr/local/hpe/lib"
+
 
 class ConfigError(ValueError):
     """A configuration value the agent refuses; the message is one line."""
@@ -88,6 +99,54 @@ class DiscoveryConfig:
     # Lower case, as sysfs writes them ("0x23e2").
     pci_vendors: tuple[str, ...] = DEFAULT_PCI_VENDORS
     drivers: tuple[str, ...] = DEFAULT_DRIVERS
+
+
+@dataclass(frozen=True)
+class SignalPolicy:
+    """What a bad reading of one signal does, and how many it takes."""
+
+    # "unhealthy": a signal that went bad makes its NPU Unhealthy; "ignore":
+    # it is tracked and shown, but the NPU's health does not follow it.
+    action: SignalAction = "unhealthy"
+    # Consecutive bad readings that turn a good signal bad, and consecutive
+    # good readings that turn it good again.
+    fail_threshold: int = 2
+    recover_threshold: int = 2
+
+
+def _default_signals() -> dict[str, SignalPolicy]:
+    # One failed run is often the tool, not the card (a slow start, a
+    # busy driver): probeFailed needs three in a row, and one good run clears it.
+    return {
+        "cardStatus": SignalPolicy(),
+        "clusterStatus": SignalPolicy(),
+        "temperature": SignalPolicy(),
+        "probeFailed": SignalPolicy(fail_threshold=3, recover_threshold=1),
+    }
+
+
+@dataclass(frozen=True)
+class VendorProbeConfig:
+    """The stc-smi probe: off by default (it needs access to the NPUs)."""
+
+    enabled: bool = False
+    tool: str = DEFAULT_STC_SMI
+    # LD_LIBRARY_PATH for the tool only (the agent's own process keeps its
+    # libraries); "" leaves the variable as the agent has it.
+    library_path: str = DEFAULT_STC_SMI_LIBRARIES
+    interval_seconds: float = 10.0
+    timeout_seconds: float = 5.0
+    # stc-smi runs at most this many at once (one run per NPU).
+    concurrency: int = 2
+    # Clusters each NPU must report (the STCP920 has 4): output with fewer is
+    # partial, and partial output is a probe failure, never a Healthy card.
+    clusters: int = 4
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    vendor_probe: VendorProbeConfig = field(default_factory=VendorProbeConfig)
+    signals: Mapping[str, SignalPolicy] = field(default_factory=_default_signals)
 
 
 @dataclass(frozen=True)
@@ -134,6 +193,7 @@ class Config:
     resource_name: str = DEFAULT_RESOURCE_NAME
     hpe: HpeConfig = field(default_factory=HpeConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     device_list_strategy: tuple[DeviceListStrategy, ...] = ("device-specs",)
     stc_set_devices: StcSetDevices = "none"
     cdi: CdiConfig = field(default_factory=CdiConfig)
@@ -169,6 +229,25 @@ class Config:
                 "requiredMembers": list(self.discovery.required_members),
                 "pciVendors": list(self.discovery.pci_vendors),
                 "drivers": list(self.discovery.drivers),
+            },
+            "health": {
+                "vendorProbe": {
+                    "enabled": self.health.vendor_probe.enabled,
+                    "tool": self.health.vendor_probe.tool,
+                    "libraryPath": self.health.vendor_probe.library_path,
+                    "intervalSeconds": self.health.vendor_probe.interval_seconds,
+                    "timeoutSeconds": self.health.vendor_probe.timeout_seconds,
+                    "concurrency": self.health.vendor_probe.concurrency,
+                    "clusters": self.health.vendor_probe.clusters,
+                },
+                "signals": {
+                    name: {
+                        "policy": policy.action,
+                        "failThreshold": policy.fail_threshold,
+                        "recoverThreshold": policy.recover_threshold,
+                    }
+                    for name, policy in self.health.signals.items()
+                },
             },
             "deviceListStrategy": list(self.device_list_strategy),
             "stcSetDevices": self.stc_set_devices,
@@ -488,6 +567,77 @@ def _relative_path(key: str, value: object) -> str:
     return text
 
 
+def _count(key: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected a whole number, got {_describe(value)}")
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be from {low} to {high}, got {value}")
+    return value
+
+
+def _seconds(key: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number of seconds, got {_describe(value)}")
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be from {low:g} to {high:g} seconds, got {value}")
+    return float(value)
+
+
+def _signal_action(key: str, value: object) -> str:
+    if value not in SIGNAL_ACTIONS:
+        raise ConfigError(
+            f"{key}: expected one of {', '.join(SIGNAL_ACTIONS)}, got {_describe(value)}"
+        )
+    return str(value)
+
+
+_VENDOR_PROBE: dict[str, tuple[Validator, str]] = {
+    "enabled": (_boolean, "enabled"),
+    "tool": (_absolute_path, "tool"),
+    "libraryPath": (
+        lambda key, value: value if value == "" else _absolute_path(key, value),
+        "library_path",
+    ),
+    "intervalSeconds": (lambda key, value: _seconds(key, value, 1, 3600), "interval_seconds"),
+    "timeoutSeconds": (lambda key, value: _seconds(key, value, 0.1, 600), "timeout_seconds"),
+    "concurrency": (lambda key, value: _count(key, value, 1, 64), "concurrency"),
+    "clusters": (lambda key, value: _count(key, value, 1, 64), "clusters"),
+}
+_SIGNAL_POLICY: dict[str, tuple[Validator, str]] = {
+    "policy": (_signal_action, "action"),
+    "failThreshold": (lambda key, value: _count(key, value, 1, 1000), "fail_threshold"),
+    "recoverThreshold": (lambda key, value: _count(key, value, 1, 1000), "recover_threshold"),
+}
+
+
+def _health(raw: object) -> HealthConfig:
+    """The health section: vendorProbe, and signals by name (each optional;
+    a signal left out keeps its default policy)."""
+    if raw is None:
+        return HealthConfig()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"health: expected a mapping, got {_describe(raw)}")
+    _check_keys("health.", raw, {"vendorProbe", "signals"})
+    probe = VendorProbeConfig(
+        **_section_values("health.vendorProbe", raw.get("vendorProbe"), _VENDOR_PROBE)  # type: ignore[arg-type]
+    )
+    if probe.timeout_seconds > probe.interval_seconds:
+        raise ConfigError(
+            f"health.vendorProbe.timeoutSeconds: {probe.timeout_seconds:g} is longer than "
+            f"intervalSeconds {probe.interval_seconds:g}"
+        )
+    signals = _default_signals()
+    raw_signals = raw.get("signals")
+    if raw_signals is not None:
+        if not isinstance(raw_signals, Mapping):
+            raise ConfigError(f"health.signals: expected a mapping, got {_describe(raw_signals)}")
+        _check_keys("health.signals.", raw_signals, set(PROBE_SIGNALS))
+        for name, section in raw_signals.items():
+            values = _section_values(f"health.signals.{name}", section, _SIGNAL_POLICY)
+            signals[name] = SignalPolicy(**{**vars(signals[name]), **values})
+    return HealthConfig(vendor_probe=probe, signals=signals)
+
+
 def _describe(value: object) -> str:  # noqa: PLR0911 (one return per kind reads best)
     if value is None:
         return "null"
@@ -575,7 +725,7 @@ def parse_config(raw: object) -> Config:
         return Config()
     if not isinstance(raw, Mapping):
         raise ConfigError(f"top level: expected a mapping, got {_describe(raw)}")
-    _check_keys("", raw, set(_TOP_LEVEL) | set(_SECTIONS))
+    _check_keys("", raw, set(_TOP_LEVEL) | set(_SECTIONS) | {"health"})
     top = {
         attribute: validate(key, raw[key])
         for key, (validate, attribute) in _TOP_LEVEL.items()
@@ -586,6 +736,7 @@ def parse_config(raw: object) -> Config:
         **_section_values("discovery", raw.get("discovery"), _SECTIONS["discovery"])  # type: ignore[arg-type]
     )
     _check_required_members(discovery)
+    health = _health(raw.get("health"))
     cdi = CdiConfig(**_section_values("cdi", raw.get("cdi"), _SECTIONS["cdi"]))  # type: ignore[arg-type]
     sharing = SharingConfig(**_section_values("sharing", raw.get("sharing"), _SECTIONS["sharing"]))  # type: ignore[arg-type]
     metrics = MetricsConfig(**_section_values("metrics", raw.get("metrics"), _SECTIONS["metrics"]))  # type: ignore[arg-type]
@@ -593,6 +744,7 @@ def parse_config(raw: object) -> Config:
     config = Config(
         hpe=hpe,
         discovery=discovery,
+        health=health,
         cdi=cdi,
         sharing=sharing,
         metrics=metrics,

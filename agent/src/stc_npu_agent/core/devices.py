@@ -37,12 +37,20 @@ Rules, and why:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Protocol
 
 from stc_npu_agent.core.config import INDEX, DiscoveryConfig
+from stc_npu_agent.core.health import (
+    PCI_DRIVER,
+    PRESENCE,
+    HealthBook,
+    Reading,
+    Signals,
+    immediate,
+    ordered,
+)
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
@@ -102,6 +110,9 @@ class Npu:
     impostors: tuple[str, ...] = ()
     healthy: bool = False
     reason: str = ""  # why it is Unhealthy; empty when Healthy
+    # Every signal read so far, by name (core.health): what the reason says,
+    # and what an ignored or recovering signal reads.
+    signals: Signals = field(default_factory=dict)
     ever_healthy: bool = False  # then expected_nodes is complete
     # A new NPU is not Healthy before this time (the clock the caller uses).
     settling_until: float = 0.0
@@ -208,17 +219,6 @@ class DeviceRules:
         return tuple(problems)
 
 
-class HealthCheck(Protocol):
-    """A health probe beyond node presence (e.g. one based on stc-smi).
-
-    Called only for NPUs whose nodes are all present; returns None when the
-    NPU is fine, otherwise a short reason. Implementations that do I/O live
-    outside the core and are handed in.
-    """
-
-    def problem(self, npu: Npu) -> str | None: ...
-
-
 def node_sort_key(name: str) -> tuple[tuple[int, str], ...]:
     """Natural order (stc0c2 before stc0c10, clusters before ctrl)."""
     parts = re.split(r"([0-9]+)", name)
@@ -251,7 +251,7 @@ class Inventory:
         self,
         observations: Iterable[NodeObservation],
         rules: DeviceRules,
-        checks: Sequence[HealthCheck] = (),
+        vendor: HealthBook | None = None,
         *,
         now: float = 0.0,
         settle: float = 0.0,
@@ -261,7 +261,8 @@ class Inventory:
         An NPU's PCI facts are its own node's (while that node is away or
         resolves to nothing: what we knew). ``now`` is the caller's clock,
         ``settle`` how long a new NPU must go without a new node before it is
-        Healthy (see the module docstring).
+        Healthy (see the module docstring). ``vendor`` holds the vendor
+        probe's signals, judged with the nodes' own.
         """
         own_nodes: dict[int, NodeObservation] = {}
         members: dict[int, list[NodeObservation]] = {}
@@ -315,7 +316,7 @@ class Inventory:
                 ever_healthy=ever_healthy,
                 settling_until=settling_until,
             )
-            result[npu_id] = _judge(npu, seen, checks, now)
+            result[npu_id] = _judge(npu, seen, (vendor or HealthBook()).signals(npu_id), now)
         return Inventory(result, scanned=True)
 
     def settles_at(self) -> float | None:
@@ -327,35 +328,45 @@ class Inventory:
 SETTLING = "new NPU, waiting for all its nodes"
 
 
-def _judge(
-    npu: Npu, seen: Mapping[str, NodeObservation], checks: Sequence[HealthCheck], now: float
-) -> Npu:
-    """Health from presence first, then the settle time, then each extra check."""
+def _judge(npu: Npu, seen: Mapping[str, NodeObservation], vendor: Signals, now: float) -> Npu:
+    """Health from the nodes' signals (presence, then the settle time, and
+    the PCI identity) and the vendor probe's signals that count."""
     missing = [name for name in npu.expected_nodes if name not in seen]
     kinds = {name: seen[name].kind for name in npu.expected_nodes if name in seen}
     dead = [name for name, kind in kinds.items() if kind is NodeKind.NO_DEVICE]
     not_char = [name for name, kind in kinds.items() if kind is NodeKind.OTHER]
-    problems = list(npu.impostors)  # first: it may be no NPU at all
+    absent = []
     if missing:
-        problems.append(f"missing {', '.join(missing)}")
+        absent.append(f"missing {', '.join(missing)}")
     if dead:
-        problems.append(f"no device behind {', '.join(dead)}")
+        absent.append(f"no device behind {', '.join(dead)}")
     if not_char:
-        problems.append(f"not a character device: {', '.join(not_char)}")
-    if not problems and not npu.ever_healthy and now < npu.settling_until:
-        problems.append(SETTLING)
-    if not problems:
-        for check in checks:
-            problem = check.problem(npu)
-            if problem:
-                problems.append(problem)
-                break
+        absent.append(f"not a character device: {', '.join(not_char)}")
+    complete = not absent and not npu.impostors
+    if complete and not npu.ever_healthy and now < npu.settling_until:
+        absent.append(SETTLING)
+    signals = {
+        PRESENCE: immediate(Reading(PRESENCE, bool(absent), "; ".join(absent) or "all nodes")),
+        PCI_DRIVER: immediate(
+            Reading(PCI_DRIVER, bool(npu.impostors), "; ".join(npu.impostors) or "bound")
+        ),
+        **vendor,
+    }
+    # Impostors first: it may be no NPU at all.
+    problems = [*npu.impostors, *absent]
+    problems += [
+        state.describe(name)
+        for name, state in ordered(signals)
+        if state.counts and name not in (PRESENCE, PCI_DRIVER)
+    ]
     healthy = not problems
     return replace(
         npu,
         healthy=healthy,
         reason="; ".join(problems),
-        ever_healthy=npu.ever_healthy or healthy,
+        signals=signals,
+        # Complete once: a new node later is a change, not a new NPU settling.
+        ever_healthy=npu.ever_healthy or (complete and SETTLING not in absent),
     )
 
 
