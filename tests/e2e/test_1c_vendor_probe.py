@@ -105,7 +105,7 @@ def bad_reading_turns_allocatable_down_and_up(
     with transcript.step(f"diagnose names {signal} for {npu_id}"):
         report, text = diagnose(e2e)
         for line in text.splitlines():
-            if line.strip().startswith((npu_id, "why:", "signals:", "-", "vendor probe")):
+            if line.strip().startswith(("stc", "why:", "signals:", "- ", "vendor probe")):
                 transcript.say(f"  | {line}")
         entry = npu_entry(report, npu_id)
         assert entry["health"] == "Unhealthy", entry
