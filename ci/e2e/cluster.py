@@ -713,6 +713,12 @@ class Cluster:
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--authorization-mode=Node,RBAC",
                 "--enable-admission-plugins=NodeRestriction",
+                # The vendor probe's agent runs privileged; without this flag
+                # (its default is false; kubeadm sets it) the API server
+                # refuses the DaemonSet: "privileged: Forbidden: disallowed
+                # by cluster policy". Other pods stay confined by the
+                # scenarios' own checks and Pod Security labels.
+                "--allow-privileged=true",
                 "--profiling=false",
             ],
         )

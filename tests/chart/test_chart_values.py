@@ -126,6 +126,7 @@ CASES = [
                 f"{C}.securityContext.privileged": True,
                 f"{C}.securityContext.allowPrivilegeEscalation": True,
                 f"{C}.securityContext.capabilities.drop.0": MISSING,
+                f"{C}.terminationMessagePath": "/tmp/termination-log",
                 f"{C}.volumeMounts.5.name": "host-hpe",
                 f"{C}.volumeMounts.5.mountPath": "/usr/local/hpe",
                 f"{C}.volumeMounts.5.readOnly": True,
@@ -726,6 +727,26 @@ def test_only_the_kubelet_dir_is_writable(default: Render) -> None:
     assert mounts["host-sys"]["mountPath"] == "/host/sys"  # never over the container's /sys
     assert volumes["host-hpe"]["hostPath"] == {"path": "/usr/local/hpe"}
     assert mounts["host-hpe"]["mountPath"] == "/host/hpe"
+
+
+# The kubelet's default; it bind-mounts a file of its own there.
+KUBELET_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+
+@pytest.mark.parametrize("sets", [[], ["health.vendorProbe.enabled=true"]])
+def test_the_termination_message_file_is_not_under_a_read_only_mount(sets: list[str]) -> None:
+    # The runtime creates the kubelet's termination message file as a mount
+    # point in the container: under a read-only mount (the vendor probe's
+    # host /dev at /dev) that fails, and the agent container never starts.
+    container = agent_container(render(sets=sets))
+    path = container.get("terminationMessagePath", KUBELET_TERMINATION_MESSAGE_PATH)
+    read_only = [
+        mount["mountPath"]
+        for mount in container["volumeMounts"]
+        if mount.get("readOnly", False)
+        and (path + "/").startswith(mount["mountPath"].rstrip("/") + "/")
+    ]
+    assert not read_only, f"terminationMessagePath {path} is under the read-only {read_only}"
 
 
 def test_with_cdi_cri_the_spec_dir_is_writable_too() -> None:

@@ -59,7 +59,10 @@ class E2E:
     images: dict[str, tuple[str, Path]]
 
     def chart_values(
-        self, hpe_mode: str = "mapped", device_list_strategy: Sequence[str] = ()
+        self,
+        hpe_mode: str = "mapped",
+        device_list_strategy: Sequence[str] = (),
+        vendor_probe_tool: str = "",
     ) -> list[str]:
         """THE one place where the scenarios' helm values are set.
 
@@ -68,6 +71,9 @@ class E2E:
         each node against sysfs: it reads the NPUs' simulated sysfs tree.
         A ``device_list_strategy`` (the chart's default when empty) with
         cdi-cri writes the CDI spec into containerd's private spec dir.
+        A ``vendor_probe_tool`` turns the vendor probe on with that stc-smi
+        (under hpe.hostPath, which the agent sees at the same path), probing
+        every second so a reading turns a signal within a few seconds.
         """
         values = {
             "hpe.mode": hpe_mode,
@@ -77,6 +83,14 @@ class E2E:
             values["deviceListStrategy"] = strategy_value(device_list_strategy)
         if "cdi-cri" in device_list_strategy:
             values["cdi.specDir"] = str(cluster.CDI_SPEC_DIR)
+        if vendor_probe_tool:
+            values["health.vendorProbe.enabled"] = "true"
+            values["health.vendorProbe.tool"] = vendor_probe_tool
+            values["health.vendorProbe.intervalSeconds"] = "1"
+            values["health.vendorProbe.timeoutSeconds"] = "1"
+            for signal in ("cardStatus", "clusterStatus"):
+                values[f"health.signals.{signal}.failThreshold"] = "2"
+                values[f"health.signals.{signal}.recoverThreshold"] = "2"
         return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 

@@ -47,7 +47,11 @@ def ns_args() -> list[str]:
 
 
 def install(
-    e2e: E2E, helm: str, hpe_mode: str = "mapped", device_list_strategy: Sequence[str] = ()
+    e2e: E2E,
+    helm: str,
+    hpe_mode: str = "mapped",
+    device_list_strategy: Sequence[str] = (),
+    vendor_probe_tool: str = "",
 ) -> None:
     """helm install, then wait for the DaemonSet's pod to be Ready and the
     node to advertise every NPU; the durations go to the transcript."""
@@ -57,10 +61,13 @@ def install(
     if device_list_strategy:
         shown += f", deviceListStrategy={strategy_value(device_list_strategy)}"
         label = f"{'+'.join(device_list_strategy)}: {helm}"
+    if vendor_probe_tool:
+        shown += f", health.vendorProbe.tool={vendor_probe_tool}"
+        label = f"vendor probe: {helm}"
     with transcript.step(f"{helm} install {RELEASE} ({shown})"):
         e2e.cluster.helm(
             helm, "install", RELEASE, str(CHART), *ns_args(),
-            *e2e.chart_values(hpe_mode, device_list_strategy),
+            *e2e.chart_values(hpe_mode, device_list_strategy, vendor_probe_tool),
         )  # fmt: skip
     with transcript.step("agent DaemonSet pod Ready"):
         e2e.cluster.kubectl(
