@@ -1627,6 +1627,106 @@ def probe_flood(bench: Bench, plan: ExposurePlan) -> None:
     )
 
 
+# GET /metrics per scrape benchmark, full and quick.
+SCRAPES_FULL = 500
+SCRAPES_QUICK = 10
+# Allocates before the scrapes, so the histograms hold what a busy node's do.
+SCRAPE_ALLOCATES = 200
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def get_metrics(port: int) -> bytes:
+    """One GET /metrics on a new connection, as a scraper makes it; the body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as connection:
+        connection.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200"):
+        raise RuntimeError(f"/metrics did not answer 200: {answer[:80]!r}")
+    return body
+
+
+def settled_rss_mb(kubelet: KubeletEmulator, agent: AgentProcess) -> float:
+    """The agent's RSS 1 s after its first registration (as rss_after_start_mb)."""
+    kubelet.wait_registered(RESOURCE, timeout=WAIT)
+    time.sleep(1.0)
+    return agent.rss_mb()
+
+
+def scrape_cost(bench: Bench) -> None:
+    """Latency and agent CPU of a /metrics scrape, and the RSS metrics add."""
+    scrapes = SCRAPES_QUICK if bench.plan.quick else SCRAPES_FULL
+    node = SimNode(bench.root / "node-scrape")
+    for index in range(MAIN_NPUS):
+        node.add_npu(index, numa_node=index // 4)
+    config = bench.root / "metrics-config.yaml"
+    config.write_text("metrics:\n  enabled: true\n")
+    # The same node without metrics first, for the RSS they add.
+    port = free_port()
+    kubelet = bench.kubelet("kubelet-scrape-off")
+    agent = bench.agent(kubelet, node, extra_args=["--probe-address", f"127.0.0.1:{port}"])
+    rss_off = settled_rss_mb(kubelet, agent)
+    agent.stop()
+    kubelet.stop()
+    port = free_port()
+    kubelet = bench.kubelet("kubelet-scrape-on")
+    agent = bench.agent(
+        kubelet, node, extra_args=["--probe-address", f"127.0.0.1:{port}", "--config", str(config)]
+    )
+    rss_on = settled_rss_mb(kubelet, agent)
+    with plugin_stub(endpoint_path(kubelet)) as stub:
+        for call in range(SCRAPE_ALLOCATES):
+            stub.Allocate(allocate_request([f"stc{call % MAIN_NPUS}"]), timeout=WAIT)
+    body = get_metrics(port)
+    cpu0 = cpu_seconds(agent.pid)
+    latencies = []
+    for _ in range(scrapes):
+        began = time.perf_counter()
+        get_metrics(port)
+        latencies.append((time.perf_counter() - began) * 1000)
+    cpu_ms = (cpu_seconds(agent.pid) - cpu0) * 1000 / scrapes
+    samples = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+    bench.add(
+        Result(
+            "scrape_ms",
+            f"GET /metrics on a new connection (8 NPUs, after {SCRAPE_ALLOCATES} Allocates)",
+            "ms",
+            latencies,
+            target="median <= 10",
+            target_max=10,
+            extra={"bytes": len(body), "samples": samples},
+        )
+    )
+    bench.add(
+        Result(
+            "scrape_agent_cpu_ms",
+            "agent CPU per scrape (/proc utime+stime over all scrapes)",
+            "ms",
+            [cpu_ms],
+            target="<= 5",
+            target_max=5,
+        )
+    )
+    bench.add(
+        Result(
+            "metrics_rss_added_mb",
+            "agent RSS with metrics.enabled, minus without (1 s after Register)",
+            "MB",
+            [rss_on - rss_off],
+            target="<= 5 MB",
+            target_max=5,
+            extra={"rss_mb_metrics_off": rss_off, "rss_mb_metrics_on": rss_on},
+        )
+    )
+
+
 def has_health(devices: Mapping[str, Device], *, npu: str, health: str) -> bool:
     return npu in devices and devices[npu].health == health
 
@@ -1716,6 +1816,7 @@ PHASES = (
     "reregister",
     "devnoise",
     "probeflood",
+    "scrape",
     "vendorprobe",
     "registration",
     "dra",
@@ -1781,6 +1882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "reregister": bench.reregister,
             "devnoise": lambda: dev_noise(bench, exposure),
             "probeflood": lambda: probe_flood(bench, exposure),
+            "scrape": lambda: scrape_cost(bench),
             "vendorprobe": lambda: vendor_probe(bench),
             "registration": bench.registration_modes,
             "dra": bench.dra_mode,

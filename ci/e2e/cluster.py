@@ -56,6 +56,9 @@ APISERVER = f"https://{NODE_IP}:6443"
 CGROUP_NAME = "stc-npu-e2e"  # the kubelet's cgroupRoot, in every v1 hierarchy
 CGROUP_FS = Path("/sys/fs/cgroup")
 CONTAINERD_SOCK = RUN / "containerd.sock"
+# containerd's only CDI spec dir (the defaults /etc/cdi and /var/run/cdi are
+# shared with anything else on the host): the CDI scenario's cdi.specDir.
+CDI_SPEC_DIR = RUN / "cdi"
 # The kubelet's device-plugin dir is fixed at this path (v1.23 and v1.36
 # alike; --root-dir does not move it). containerd and the kubelet run in a
 # mount namespace of the node's own where a private dir is bind-mounted
@@ -432,7 +435,7 @@ temp = "{base}/containerd/tmp"
   # Pod netns files under our state dir, not the host's shared /run/netns.
   netns_mounts_under_state_dir = true
   enable_cdi = true
-  cdi_spec_dirs = ["{RUN}/cdi"]
+  cdi_spec_dirs = ["{CDI_SPEC_DIR}"]
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["/usr/lib/cni"]
     conf_dir = "{base}/cni/net.d"
@@ -641,6 +644,7 @@ class Cluster:
         for stale in ("kubelet", "kubelet-pki", "pod-logs", "cni", "etcd", "device-plugins", "pki"):
             shutil.rmtree(BASE / stale, ignore_errors=True)
         record("dirs", str(RUN))
+        CDI_SPEC_DIR.mkdir(exist_ok=True)  # goes with RUN
         # The CNI library keeps a cache in /var/lib/cni, and every kubelet links
         # container logs from the fixed /var/log/containers: removed only if we
         # made them (our links in there go at teardown in any case).
@@ -709,6 +713,12 @@ class Cluster:
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--authorization-mode=Node,RBAC",
                 "--enable-admission-plugins=NodeRestriction",
+                # The vendor probe's agent runs privileged; without this flag
+                # (its default is false; kubeadm sets it) the API server
+                # refuses the DaemonSet: "privileged: Forbidden: disallowed
+                # by cluster policy". Other pods stay confined by the
+                # scenarios' own checks and Pod Security labels.
+                "--allow-privileged=true",
                 "--profiling=false",
             ],
         )

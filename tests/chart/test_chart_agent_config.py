@@ -72,6 +72,15 @@ def test_agent_loads_the_rendered_config(scenario: Path, tmp_path: Path) -> None
         "stateDir": f"{kubelet_root}/plugins/npu.streamcomputing.com",
         "sliceIntervalSeconds": values["dra"]["sliceIntervalSeconds"],
     }
+    nfd = values["nfd"]
+    expected["metrics"] = {"enabled": values["metrics"]["enabled"]}
+    expected["nfd"] = {
+        "enabled": nfd["enabled"],
+        "featureFile": f"{nfd['hostPath']}/stc-npu",
+        "expirySeconds": nfd["expirySeconds"],
+        "models": nfd["models"],
+        "hpeVersionFile": nfd["hpeVersionFile"],
+    }
     assert config.to_mapping() == expected
     assert config.uses_cdi == (dra or "cdi-cri" in values["deviceListStrategy"])
     # Every key the agent knows is written out, none it does not know.

@@ -83,6 +83,16 @@ SCHEMA_ERRORS = [
     (["mode=dynamic"], r"mode"),
     (["registration=watcher"], r"registration"),
     (["pluginRegistryDir=plugins_registry"], r"pluginRegistryDir"),
+    (["metrics.enabled=yes"], r"metrics[./]enabled"),
+    (["metrics.port=9100"], r"port"),
+    (["metrics.serviceMonitor.interval=often"], r"metrics[./]serviceMonitor[./]interval"),
+    (["metrics.podMonitor.labels.size=3"], r"metrics[./]podMonitor[./]labels"),
+    (["nfd.hostPath=features.d"], r"nfd[./]hostPath"),
+    (["nfd.expirySeconds=30"], r"nfd[./]expirySeconds"),
+    (["nfd.models.0x100=STCP920"], r"0x100|nfd[./]models"),
+    (["nfd.models.0x0100=STC P920"], r"nfd[./]models"),
+    (["nfd.hpeVersionFile=../version"], r"nfd[./]hpeVersionFile"),
+    (["nfd.hpeVersionFile=/version"], r"nfd[./]hpeVersionFile"),
 ]
 
 # templates/validate.yaml: combinations the schema cannot express.
@@ -133,6 +143,12 @@ TEMPLATE_ERRORS = [
     ),
     (["mode=dra", "cdi.specDir=/var/lib/kubelet/plugins_registry"], r"pluginRegistryDir: .*"),
     (["extraEnv.STC_NPU_NODE_NAME=n"], r"extraEnv\.STC_NPU_NODE_NAME: "),
+    (["metrics.service.enabled=true"], r"metrics\.service\.enabled: needs metrics\.enabled"),
+    (["metrics.podMonitor.enabled=true"], r"metrics\.podMonitor\.enabled: needs metrics\.enabled"),
+    (
+        ["metrics.enabled=true", "metrics.serviceMonitor.enabled=true"],
+        r"metrics\.serviceMonitor\.enabled: needs metrics\.service\.enabled",
+    ),
 ]
 
 

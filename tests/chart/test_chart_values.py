@@ -46,6 +46,8 @@ TEST_OBJECTS = (
     "Pod-test",
 )
 DIGEST = "sha256:" + "ab" * 32
+MONITOR = {"enabled": True}
+NFD_DIR = "/etc/kubernetes/node-feature-discovery/features.d"
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ CASES = [
                 f"{C}.securityContext.privileged": True,
                 f"{C}.securityContext.allowPrivilegeEscalation": True,
                 f"{C}.securityContext.capabilities.drop.0": MISSING,
+                f"{C}.terminationMessagePath": "/tmp/termination-log",
                 f"{C}.volumeMounts.5.name": "host-hpe",
                 f"{C}.volumeMounts.5.mountPath": "/usr/local/hpe",
                 f"{C}.volumeMounts.5.readOnly": True,
@@ -352,6 +355,82 @@ CASES = [
             f"{C}.ports.0.containerPort": 9101,
         },
     ),
+    Case("metrics.enabled", {"metrics": {"enabled": True}}, _config()),
+    Case(
+        "metrics.service.enabled",
+        {"metrics": {"enabled": True, "service": {"enabled": True}}},
+        _config({"Service-metrics:*": ANY}),
+    ),
+    Case(
+        "metrics.serviceMonitor.enabled",
+        {"metrics": {"enabled": True, "service": {"enabled": True}, "serviceMonitor": MONITOR}},
+        _config({"Service-metrics:*": ANY, "ServiceMonitor:*": ANY}),
+    ),
+    Case(
+        "metrics.serviceMonitor.interval",
+        {"metrics": {"serviceMonitor": {"interval": "1m"}}},  # renders nothing while off
+    ),
+    Case(
+        "metrics.serviceMonitor.labels",
+        {"metrics": {"serviceMonitor": {"labels": {"release": "prometheus"}}}},
+    ),
+    Case(
+        "metrics.serviceMonitor.interval",
+        {
+            "metrics": {
+                "enabled": True,
+                "service": {"enabled": True},
+                "serviceMonitor": {**MONITOR, "interval": "1m"},
+            }
+        },
+        _config(
+            {
+                "Service-metrics:*": ANY,
+                "ServiceMonitor:*": ANY,
+                "ServiceMonitor:spec.endpoints.0.interval": "1m",
+            }
+        ),
+    ),
+    Case(
+        "metrics.podMonitor.enabled",
+        {"metrics": {"enabled": True, "podMonitor": MONITOR}},
+        _config({"PodMonitor:*": ANY}),
+    ),
+    Case("metrics.podMonitor.interval", {"metrics": {"podMonitor": {"interval": "1m"}}}),
+    Case(
+        "metrics.podMonitor.labels",
+        {"metrics": {"enabled": True, "podMonitor": {**MONITOR, "labels": {"team": "npu"}}}},
+        _config({"PodMonitor:*": ANY, "PodMonitor:metadata.labels.team": "npu"}),
+    ),
+    Case(
+        "nfd.enabled",
+        {"nfd": {"enabled": True}},
+        _config(
+            {
+                f"{C}.volumeMounts.5.name": "nfd-features",
+                f"{C}.volumeMounts.5.mountPath": NFD_DIR,
+                f"{DS}.volumes.5.name": "nfd-features",
+                f"{DS}.volumes.5.hostPath.path": NFD_DIR,
+                f"{DS}.volumes.5.hostPath.type": "DirectoryOrCreate",
+            }
+        ),
+    ),
+    Case("nfd.hostPath", {"nfd": {"hostPath": "/etc/nfd/features.d"}}, _config()),
+    Case(
+        "nfd.hostPath",
+        {"nfd": {"enabled": True, "hostPath": "/etc/nfd/features.d"}},
+        _config(
+            {
+                f"{C}.volumeMounts.5.*": ANY,
+                f"{C}.volumeMounts.5.mountPath": "/etc/nfd/features.d",
+                f"{DS}.volumes.5.*": ANY,
+                f"{DS}.volumes.5.hostPath.path": "/etc/nfd/features.d",
+            }
+        ),
+    ),
+    Case("nfd.expirySeconds", {"nfd": {"expirySeconds": 600}}, _config()),
+    Case("nfd.models", {"nfd": {"models": {"0x0200": "STCP950"}}}, _config()),
+    Case("nfd.hpeVersionFile", {"nfd": {"hpeVersionFile": "share/version.txt"}}, _config()),
     Case(
         "nodeSelector",
         {"nodeSelector": {"example.com/npu": "yes"}},
@@ -713,6 +792,26 @@ def test_only_the_kubelet_dir_is_writable(default: Render) -> None:
     assert mounts["host-sys"]["mountPath"] == "/host/sys"  # never over the container's /sys
     assert volumes["host-hpe"]["hostPath"] == {"path": "/usr/local/hpe"}
     assert mounts["host-hpe"]["mountPath"] == "/host/hpe"
+
+
+# The kubelet's default; it bind-mounts a file of its own there.
+KUBELET_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+
+@pytest.mark.parametrize("sets", [[], ["health.vendorProbe.enabled=true"]])
+def test_the_termination_message_file_is_not_under_a_read_only_mount(sets: list[str]) -> None:
+    # The runtime creates the kubelet's termination message file as a mount
+    # point in the container: under a read-only mount (the vendor probe's
+    # host /dev at /dev) that fails, and the agent container never starts.
+    container = agent_container(render(sets=sets))
+    path = container.get("terminationMessagePath", KUBELET_TERMINATION_MESSAGE_PATH)
+    read_only = [
+        mount["mountPath"]
+        for mount in container["volumeMounts"]
+        if mount.get("readOnly", False)
+        and (path + "/").startswith(mount["mountPath"].rstrip("/") + "/")
+    ]
+    assert not read_only, f"terminationMessagePath {path} is under the read-only {read_only}"
 
 
 def test_with_cdi_cri_the_spec_dir_is_writable_too() -> None:

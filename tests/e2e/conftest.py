@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -35,6 +35,11 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
 signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
 
+def strategy_value(device_list_strategy: Sequence[str]) -> str:
+    """A list as `helm --set` takes it: {device-specs,cdi-cri}."""
+    return "{" + ",".join(device_list_strategy) + "}"
+
+
 def read_images(images_dir: Path) -> dict[str, tuple[str, Path]]:
     """ROLE -> (image name, tarball) from images.txt (`ROLE NAME TARBALL`)."""
     images = {}
@@ -53,17 +58,39 @@ class E2E:
     npus: HostNpus
     images: dict[str, tuple[str, Path]]
 
-    def chart_values(self, hpe_mode: str = "mapped") -> list[str]:
+    def chart_values(
+        self,
+        hpe_mode: str = "mapped",
+        device_list_strategy: Sequence[str] = (),
+        vendor_probe_tool: str = "",
+    ) -> list[str]:
         """THE one place where the scenarios' helm values are set.
 
         The images' names are the chart's defaults (the image builder reads
         them from the chart), so they need no value here. The agent checks
         each node against sysfs: it reads the NPUs' simulated sysfs tree.
+        A ``device_list_strategy`` (the chart's default when empty) with
+        cdi-cri writes the CDI spec into containerd's private spec dir.
+        A ``vendor_probe_tool`` turns the vendor probe on with that stc-smi
+        (under hpe.hostPath, which the agent sees at the same path), probing
+        every second so a reading turns a signal within a few seconds.
         """
         values = {
             "hpe.mode": hpe_mode,
             "sysDir": str(self.npus.sys_dir),
         }
+        if device_list_strategy:
+            values["deviceListStrategy"] = strategy_value(device_list_strategy)
+        if "cdi-cri" in device_list_strategy:
+            values["cdi.specDir"] = str(cluster.CDI_SPEC_DIR)
+        if vendor_probe_tool:
+            values["health.vendorProbe.enabled"] = "true"
+            values["health.vendorProbe.tool"] = vendor_probe_tool
+            values["health.vendorProbe.intervalSeconds"] = "1"
+            values["health.vendorProbe.timeoutSeconds"] = "1"
+            for signal in ("cardStatus", "clusterStatus"):
+                values[f"health.signals.{signal}.failThreshold"] = "2"
+                values[f"health.signals.{signal}.recoverThreshold"] = "2"
         return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,15 @@ from ci.e2e.npus import HPE_DIR, HPE_MARKER
 
 from stc_npu_agent.agent import SOCKET_PREFIX
 from tests.e2e import kit
-from tests.e2e.conftest import CHART, E2E, NPU_COUNT, RELEASE, RELEASE_NAMESPACE, RESOURCE
+from tests.e2e.conftest import (
+    CHART,
+    E2E,
+    NPU_COUNT,
+    RELEASE,
+    RELEASE_NAMESPACE,
+    RESOURCE,
+    strategy_value,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -37,25 +46,40 @@ def ns_args() -> list[str]:
     return ["-n", RELEASE_NAMESPACE]
 
 
-def install(e2e: E2E, helm: str, hpe_mode: str = "mapped") -> None:
+def install(
+    e2e: E2E,
+    helm: str,
+    hpe_mode: str = "mapped",
+    device_list_strategy: Sequence[str] = (),
+    vendor_probe_tool: str = "",
+) -> None:
     """helm install, then wait for the DaemonSet's pod to be Ready and the
     node to advertise every NPU; the durations go to the transcript."""
     started = time.monotonic()
-    with transcript.step(f"{helm} install {RELEASE} (hpe.mode={hpe_mode})"):
+    shown = f"hpe.mode={hpe_mode}"
+    label = helm
+    if device_list_strategy:
+        shown += f", deviceListStrategy={strategy_value(device_list_strategy)}"
+        label = f"{'+'.join(device_list_strategy)}: {helm}"
+    if vendor_probe_tool:
+        shown += f", health.vendorProbe.tool={vendor_probe_tool}"
+        label = f"vendor probe: {helm}"
+    with transcript.step(f"{helm} install {RELEASE} ({shown})"):
         e2e.cluster.helm(
-            helm, "install", RELEASE, str(CHART), *ns_args(), *e2e.chart_values(hpe_mode)
-        )
+            helm, "install", RELEASE, str(CHART), *ns_args(),
+            *e2e.chart_values(hpe_mode, device_list_strategy, vendor_probe_tool),
+        )  # fmt: skip
     with transcript.step("agent DaemonSet pod Ready"):
         e2e.cluster.kubectl(
             *ns_args(), "rollout", "status", f"ds/{RELEASE}", "--timeout=300s", timeout=320
         )
-    transcript.figure(f"{helm} install -> agent pod Ready", kit.since(started))
+    transcript.figure(f"{label} install -> agent pod Ready", kit.since(started))
     with transcript.step(f"node allocatable {RESOURCE} = {NPU_COUNT}"):
         wait_for(
             lambda: e2e.cluster.resource(RESOURCE) == NPU_COUNT,
             f"allocatable {RESOURCE} {NPU_COUNT}",
         )
-    transcript.figure(f"{helm} install -> allocatable {NPU_COUNT}", kit.since(started))
+    transcript.figure(f"{label} install -> allocatable {NPU_COUNT}", kit.since(started))
 
 
 def uninstall(e2e: E2E, helm: str) -> None:

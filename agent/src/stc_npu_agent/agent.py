@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from stc_npu_agent import events
 from stc_npu_agent.claims import ClaimSource
 from stc_npu_agent.core.allocation import Delivery
 from stc_npu_agent.core.config import Config
@@ -179,6 +180,7 @@ class Agent:
         node_name: str = "",
         claims: ClaimSource | None = None,
         api: KubeApi | None = None,
+        hpe_dir: str | Path | None = None,
     ) -> None:
         self.kubelet_dir = Path(kubelet_dir)
         self.kubelet_socket = self.kubelet_dir / KUBELET_SOCKET
@@ -199,6 +201,7 @@ class Agent:
             self.state,
             kubelet_dir=self.kubelet_dir,
             sys_dir=Path(sys_dir),
+            hpe_dir=Path(hpe_dir) if hpe_dir is not None else None,
             node_name=node_name or socket.gethostname(),
             claims=claims,
             api=api,
@@ -224,6 +227,7 @@ class Agent:
         self._reregister = asyncio.Event()
         self._kubelet_changed = asyncio.Event()
         self._reason = ""
+        self._cause = events.START  # of the next registration (a metric label)
 
     # --- what the probes read (from another thread: plain attribute reads) ---
 
@@ -282,13 +286,14 @@ class Agent:
 
     # --- signals ---
 
-    def request_reregister(self, reason: str) -> None:
+    def request_reregister(self, reason: str, cause: str) -> None:
         if self._stop.is_set():
             return  # our own shutdown removes our socket and ends our streams
         if self.registered:
             log.info("re-registering: %s", reason)
         self.registered = False
         self._reason = self._reason or reason
+        self._cause = self._cause or cause
         self._reregister.set()
 
     def stop(self) -> None:
@@ -317,19 +322,28 @@ class Agent:
         # at 1 s (tests/reliability/test_plugin_dir_faults.py).
         if kubelet is not None and kubelet != self._seen_kubelet:
             self._kubelet_changed.set()
+            self.state.events.kubelet_seen(kubelet)
         self._seen_kubelet = kubelet
         if self.instance is None or not (self.registered or self.registrar.kubelet_finds_us):
             return
         if self.registrar.kubelet_finds_us:
             # The kubelet finds the instance by its socket: nothing else counts.
             if not self.instance.path.exists():
-                self.request_reregister(f"own socket {self.instance.name} was deleted")
+                self.request_reregister(
+                    f"own socket {self.instance.name} was deleted", events.SOCKET_DELETED
+                )
         elif kubelet is None:
-            self.request_reregister(f"{KUBELET_SOCKET} was removed (kubelet stopped)")
+            self.request_reregister(
+                f"{KUBELET_SOCKET} was removed (kubelet stopped)", events.KUBELET_STOPPED
+            )
         elif kubelet != self._registered_kubelet:
-            self.request_reregister(f"{KUBELET_SOCKET} was re-created (kubelet restart)")
+            self.request_reregister(
+                f"{KUBELET_SOCKET} was re-created (kubelet restart)", events.KUBELET_RESTART
+            )
         elif not self.instance.path.exists():
-            self.request_reregister(f"own socket {self.instance.name} was deleted")
+            self.request_reregister(
+                f"own socket {self.instance.name} was deleted", events.SOCKET_DELETED
+            )
 
     def _on_stream_lost(self) -> None:
         if self.registrar.kubelet_finds_us:
@@ -337,7 +351,7 @@ class Agent:
             # opens a new stream (until then not Ready: no stream is open).
             log.info("the kubelet ended our stream: waiting for it to register us again")
             return
-        self.request_reregister("the kubelet ended the ListAndWatch stream")
+        self.request_reregister("the kubelet ended the ListAndWatch stream", events.STREAM_ENDED)
 
     def _on_registration_status(self, registered: bool, error: str) -> None:
         """NotifyRegistrationStatus from the kubelet's plugin watcher."""
@@ -511,12 +525,14 @@ class Agent:
         except (grpc.RpcError, OSError, RuntimeError) as error:
             log.warning("registration failed: %s", _describe_error(error))
             self.instance = None
+            self.state.events.registration_failed()
             await instance.close()
             return False
         except Exception:
             # A defect, not a kubelet fault: say so with the traceback, and
             # keep the agent going (with backoff) rather than let it die.
             log.exception("registration failed unexpectedly")
+            self.state.events.registration_failed()
             await instance.close()
             return False
         self.instance = instance
@@ -526,6 +542,8 @@ class Agent:
         self.registered = True
         self.registrations += 1
         instance.registered_at = time.monotonic()
+        self.state.events.registered(self._cause, kubelet)
+        self._cause = ""
         log.info(
             "registered %s with the kubelet as %s in %.1f ms%s",
             self.config.advertised_resource,
@@ -645,7 +663,8 @@ class Agent:
             and time.monotonic() - instance.registered_at > STREAM_DEADLINE
         ):
             self.request_reregister(
-                f"the kubelet opened no ListAndWatch stream within {STREAM_DEADLINE:.0f} s"
+                f"the kubelet opened no ListAndWatch stream within {STREAM_DEADLINE:.0f} s",
+                events.NO_STREAM,
             )
 
 
@@ -687,7 +706,9 @@ def run(
     """Run the agent until SIGTERM/SIGINT; 0 on a clean stop, non-zero when
     only a restart can help (the plugin dir unlinked). ``api``: mode dra's
     Kubernetes API (ResourceSlices, ResourceClaims)."""
-    agent = Agent(kubelet_dir, dev_dir, sys_dir, config, node_name=node_name, api=api)
+    agent = Agent(
+        kubelet_dir, dev_dir, sys_dir, config, hpe_dir=hpe_dir, node_name=node_name, api=api
+    )
     log.info(
         "stc-npu-agent starting: kubelet dir %s, dev dir %s, sys dir %s",
         kubelet_dir,
@@ -703,7 +724,17 @@ def run(
         from stc_npu_agent.probes import ProbeServer  # noqa: PLC0415
 
         probes = ProbeServer(probe_address, agent)
+        if config.metrics.enabled:
+            from stc_npu_agent.metrics import AgentSource, Metrics  # noqa: PLC0415 (only when used)
+
+            metrics = Metrics()
+            metrics.watch(AgentSource(agent))
+            agent.state.events = metrics
+            agent.state.observers.append(metrics)
+            probes.routes["/metrics"] = metrics.scrape
         probes.start()
+    elif config.metrics.enabled:
+        log.warning("metrics.enabled, but no probe address: /metrics is not served")
     try:
         return asyncio.run(agent.run())
     finally:

@@ -72,8 +72,9 @@ FLAGS = (
         "probe-address",
         "STC_NPU_PROBE_ADDRESS",
         None,
-        "HOST:PORT for the HTTP probes /healthz, /readyz and /status; ':PORT' listens on "
-        "every IPv4 and IPv6 address (off unless set)",
+        "HOST:PORT for the HTTP probes /healthz, /readyz and /status (and /metrics with "
+        "metrics.enabled); ':PORT' listens on every IPv4 and IPv6 address; not 9836, the "
+        "vendor's npu-exporter (off unless set)",
     ),
 )
 

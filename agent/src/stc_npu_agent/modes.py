@@ -137,6 +137,7 @@ def plan_for(
     *,
     kubelet_dir: Path,
     sys_dir: Path,
+    hpe_dir: Path | None = None,
     node_name: str,
     claims: ClaimSource | None,
     api: KubeApi | None,
@@ -147,7 +148,7 @@ def plan_for(
     ``api`` publishes the node's ResourceSlice and is the claim source unless
     ``claims`` is given; without either, every claim is refused with a reason."""
     registry = Path(config.plugin_registry_dir)
-    sinks = sinks_for(config, other_agent_serving)
+    sinks = sinks_for(config, other_agent_serving, sys_dir=sys_dir, hpe_dir=hpe_dir)
     if config.mode == "dra":
         from stc_npu_agent.draplugin import DRA_SERVICES  # noqa: PLC0415
 

@@ -7,10 +7,13 @@ one Allocate answer, shared with `diagnose` (and the probe server's
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -140,6 +143,37 @@ def allocation_document(
     }
 
 
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Context = grpc.aio.ServicerContext[object, object]
+
+
+def reported(
+    method: Callable[[DevicePluginService, Request, Context], Awaitable[Response]],
+) -> Callable[[DevicePluginService, Request, Context], Awaitable[Response]]:
+    """Report each call's status code and duration to the state's events."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def call(self: DevicePluginService, request: Request, context: Context) -> Response:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await method(self, request, context)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            # context.abort sets the code, then raises; anything else is a
+            # defect, which grpc answers UNKNOWN.
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self.state.events.call_finished(name, code.name, time.perf_counter() - started)
+
+    return call
+
+
 class StreamTracker:
     """What the lifecycle needs to know of one plugin instance's streams."""
 
@@ -200,6 +234,7 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
             if ended_by_kubelet:
                 streams.lost()
 
+    @reported
     async def Allocate(
         self, request: api_pb2.AllocateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> api_pb2.AllocateResponse:
@@ -247,6 +282,7 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
             return delivery.without_cdi()
         return delivery
 
+    @reported
     async def GetPreferredAllocation(
         self,
         request: api_pb2.PreferredAllocationRequest,

@@ -30,6 +30,8 @@ from http import HTTPStatus
 from typing import Protocol
 from urllib.parse import parse_qs
 
+from stc_npu_agent.core.config import NPU_EXPORTER_PORT
+
 log = logging.getLogger(__name__)
 
 # The loop beats every second; this many seconds of silence means stuck.
@@ -78,6 +80,9 @@ def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"probe address must be HOST:PORT, got {address!r}")
+    if int(port) == NPU_EXPORTER_PORT:
+        # Scrapers of the exporter would find our metrics, or none at all.
+        raise ValueError(f"port {NPU_EXPORTER_PORT} is the vendor's npu-exporter's: choose another")
     return host.strip("[]"), int(port)
 
 

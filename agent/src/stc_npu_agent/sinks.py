@@ -1,4 +1,5 @@
-"""Sinks: side effects that follow the inventory (e.g. the CDI spec file).
+"""Sinks: side effects that follow the inventory (the CDI spec file, the
+NFD feature file).
 
 The inventory is the hub; a sink turns the current inventory into one side
 effect outside the agent. The lifecycle runs every sink at start, on every
@@ -34,7 +35,13 @@ class Sink(Protocol):
         """The agent stops cleanly: undo the side effect if that is right."""
 
 
-def sinks_for(config: Config, other_agent_serving: Callable[[], bool]) -> list[Sink]:
+def sinks_for(
+    config: Config,
+    other_agent_serving: Callable[[], bool],
+    *,
+    sys_dir: Path,
+    hpe_dir: Path | None,
+) -> list[Sink]:
     """The sinks the config asks for. ``other_agent_serving`` tells a sink at
     stop whether another agent of ours serves this node (a rolling update's
     overlap), whose side effects must stay."""
@@ -47,6 +54,10 @@ def sinks_for(config: Config, other_agent_serving: Callable[[], bool]) -> list[S
                 Path(config.cdi.spec_dir), config.resource_name, config.hpe, other_agent_serving
             )
         )
+    if config.nfd.enabled:
+        from stc_npu_agent.nfd import NfdFeatureFile  # noqa: PLC0415 (only when used)
+
+        sinks.append(NfdFeatureFile(config, other_agent_serving, sys_dir=sys_dir, hpe_dir=hpe_dir))
     return sinks
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,6 +22,7 @@ from stc_npu_agent.core.config import HealthConfig, SignalPolicy
 from stc_npu_agent.core.devices import DeviceRules, Inventory, NodeObservation, describe_changes
 from stc_npu_agent.core.health import HealthBook, Reading, Transition, transitions
 from stc_npu_agent.discovery import DeviceScanner
+from stc_npu_agent.events import NO_EVENTS, AgentEvents
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class DeviceState:
         self.inventory = Inventory()
         self._observations: list[NodeObservation] = []
         self.rescans = 0
+        self.events: AgentEvents = NO_EVENTS
+        self.scanned_at = 0.0  # the last scan without error (Unix time)
         self._view: KubeletView = ()
         self._changed = asyncio.Event()
         self._inventory_changed = asyncio.Event()
@@ -84,6 +88,7 @@ class DeviceState:
         self._rescan_pending = False
         self.rescans += 1
         self._observations = self.scanner.scan()
+        self.scanned_at = time.time()
         return self._judge()
 
     def _judge(self) -> bool:
@@ -95,6 +100,7 @@ class DeviceState:
         self.inventory = before.updated(
             observations, self.rules, self.health, now=loop.time(), settle=SETTLE_SECONDS
         )
+        self.events.inventory_changed(before, self.inventory)
         settles_at = self.inventory.settles_at()
         if settles_at is not None and settles_at not in self._settle_timers:
             # Look again when a new NPU's settle time is over.

@@ -188,6 +188,15 @@ pluginRegistryDir: {{ include "stc-npu.pluginRegistryDir" . | quote }}
 dra:
   stateDir: {{ include "stc-npu.draStateDir" . | quote }}
   sliceIntervalSeconds: {{ dig "sliceIntervalSeconds" 1 (.Values.dra | default dict) }}
+{{- $nfd := include "stc-npu.nfd" . | fromJson }}
+metrics:
+  enabled: {{ include "stc-npu.metrics" . | fromJson | dig "enabled" false }}
+nfd:
+  enabled: {{ $nfd.enabled }}
+  featureFile: {{ printf "%s/stc-npu" $nfd.hostPath | quote }}
+  expirySeconds: {{ int $nfd.expirySeconds }}
+  models: {{ $nfd.models | toJson }}
+  hpeVersionFile: {{ $nfd.hpeVersionFile | quote }}
 {{- end -}}
 
 {{/*
@@ -256,6 +265,24 @@ agent's own rule, core/config.py advertised_resource).
 mode dra): the agent then writes the spec. */}}
 {{- define "stc-npu.usesCdi" -}}
 {{- if or (eq (include "stc-npu.mode" .) "dra") (has "cdi-cri" (include "stc-npu.deviceListStrategy" . | fromJsonArray)) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The metrics and nfd values with their defaults, as JSON: an upgrade with
+--reuse-values from a release before them has neither, and must render.
+*/}}
+{{- define "stc-npu.metrics" -}}
+{{- $monitor := dict "enabled" false "interval" "30s" "labels" dict -}}
+{{- $defaults := dict "enabled" false "service" (dict "enabled" false) "serviceMonitor" $monitor "podMonitor" (deepCopy $monitor) -}}
+{{- mergeOverwrite $defaults (deepCopy (.Values.metrics | default dict)) | toJson -}}
+{{- end -}}
+
+{{- define "stc-npu.nfd" -}}
+{{- $defaults := dict "enabled" false "hostPath" "/etc/kubernetes/node-feature-discovery/features.d" "expirySeconds" 300 "models" (dict "0x0100" "STCP920") "hpeVersionFile" "version" -}}
+{{- $nfd := deepCopy (.Values.nfd | default dict) -}}
+{{- /* A map of the user's: theirs replaces ours whole (merging would keep 0x0100). */ -}}
+{{- if hasKey $nfd "models" }}{{ $_ := set $defaults "models" (dict) }}{{ end -}}
+{{- mergeOverwrite $defaults $nfd | toJson -}}
 {{- end -}}
 
 {{/*

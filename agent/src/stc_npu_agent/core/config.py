@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from stc_npu_agent.core import nfd
+
 HpeMode = Literal["mapped", "unmapped"]
 HPE_MODES: tuple[HpeMode, ...] = ("mapped", "unmapped")
 # How Allocate names a container's devices: DeviceSpecs (every runtime) or
@@ -67,6 +69,19 @@ DEFAULT_REQUIRED_MEMBERS = (*(f"stc{{index}}c{k}" for k in range(4)), "stc{index
 DEFAULT_PCI_VENDORS = ("0x23e2",)
 DEFAULT_DRIVERS = ("stc",)
 INDEX = "{index}"
+# Where node-feature-discovery's nfd-worker reads local feature files.
+DEFAULT_NFD_FEATURE_FILE = "/etc/kubernetes/node-feature-discovery/features.d/stc-npu"
+# How long the feature file's labels live without a refresh: the agent
+# rewrites it at half that age, so labels vanish this long after it dies.
+DEFAULT_NFD_EXPIRY_SECONDS = 300
+MIN_NFD_EXPIRY_SECONDS = 60
+# PCI device ID -> the model name in the .model label.
+DEFAULT_NFD_MODELS = (("0x0100", "STCP920"),)
+# The HPE version file, relative to the HPE install dir. The vendor documents
+# none: an assumption, hence configurable.
+DEFAULT_HPE_VERSION_FILE = "version"
+# The vendor's npu-exporter listens here; nothing of ours may.
+NPU_EXPORTER_PORT = 9836
 
 # Health signals whose policy and hysteresis the config sets: the vendor
 # probe's. Node presence and the PCI function's identity and driver are not
@@ -185,6 +200,23 @@ class DraConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Serve Prometheus metrics at /metrics on the probe port.
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
+class NfdConfig:
+    # Write a node-feature-discovery local feature file (node labels).
+    enabled: bool = False
+    feature_file: str = DEFAULT_NFD_FEATURE_FILE
+    expiry_seconds: int = DEFAULT_NFD_EXPIRY_SECONDS
+    # (PCI device ID as sysfs writes it, model name), in the file's order.
+    models: tuple[tuple[str, str], ...] = DEFAULT_NFD_MODELS
+    hpe_version_file: str = DEFAULT_HPE_VERSION_FILE
+
+
+@dataclass(frozen=True)
 class Config:
     mode: Mode = "device-plugin"
     registration: Registration = "kubelet-socket"
@@ -198,6 +230,9 @@ class Config:
     stc_set_devices: StcSetDevices = "none"
     cdi: CdiConfig = field(default_factory=CdiConfig)
     sharing: SharingConfig = field(default_factory=SharingConfig)
+
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    nfd: NfdConfig = field(default_factory=NfdConfig)
 
     @property
     def advertised_resource(self) -> str:
@@ -261,6 +296,14 @@ class Config:
             "dra": {
                 "stateDir": self.dra.state_dir,
                 "sliceIntervalSeconds": self.dra.slice_interval,
+            },
+            "metrics": {"enabled": self.metrics.enabled},
+            "nfd": {
+                "enabled": self.nfd.enabled,
+                "featureFile": self.nfd.feature_file,
+                "expirySeconds": self.nfd.expiry_seconds,
+                "models": dict(self.nfd.models),
+                "hpeVersionFile": self.nfd.hpe_version_file,
             },
         }
 
@@ -534,6 +577,47 @@ def _check_required_members(discovery: DiscoveryConfig) -> None:
                 )
 
 
+def _expiry_seconds(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected a whole number of seconds, got {_describe(value)}")
+    if value < MIN_NFD_EXPIRY_SECONDS:
+        raise ConfigError(
+            f"{key}: must be at least {MIN_NFD_EXPIRY_SECONDS} (seconds; nfd-worker may read "
+            f"the file only once a minute), got {value}"
+        )
+    return value
+
+
+def _nfd_models(key: str, value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{key}: expected a mapping of PCI device ID to model name, got {_describe(value)}"
+        )
+    models = []
+    for device, model in value.items():
+        if not isinstance(device, str) or not _PCI_ID.fullmatch(device):
+            raise ConfigError(
+                f"{key}: a PCI device ID is 0x and 4 lower-case hex digits "
+                f"(as sysfs writes it, e.g. 0x0100), got {_describe(device)}"
+            )
+        if not isinstance(model, str) or not nfd.is_label_value(model):
+            raise ConfigError(
+                f"{key}.{device}: a model name must be a label value (at most 63 of "
+                f"[A-Za-z0-9-_.], alphanumeric at both ends), got {_describe(model)}"
+            )
+        models.append((device, model))
+    return tuple(models)
+
+
+def _relative_path(key: str, value: object) -> str:
+    text = _string(key, value)
+    if text.startswith("/") or "\0" in text or posixpath.normpath(text) != text or ".." in text:
+        raise ConfigError(
+            f"{key}: must be a normalized relative path inside the directory, got {text!r}"
+        )
+    return text
+
+
 def _count(key: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{key}: expected a whole number, got {_describe(value)}")
@@ -653,6 +737,16 @@ _SECTIONS: dict[str, dict[str, tuple[Validator, str]]] = {
             "slice_interval",
         ),
     },
+    "metrics": {
+        "enabled": (_boolean, "enabled"),
+    },
+    "nfd": {
+        "enabled": (_boolean, "enabled"),
+        "featureFile": (_absolute_path, "feature_file"),
+        "expirySeconds": (_expiry_seconds, "expiry_seconds"),
+        "models": (_nfd_models, "models"),
+        "hpeVersionFile": (_relative_path, "hpe_version_file"),
+    },
 }
 _TOP_LEVEL: dict[str, tuple[Validator, str]] = {
     "mode": (_one_of(MODES), "mode"),
@@ -711,6 +805,8 @@ def parse_config(raw: object) -> Config:
         # The effective value (for the log and a round trip): DRA plugins
         # have no other way to register.
         top.setdefault("registration", "plugin-watcher")
+    metrics = MetricsConfig(**_section_values("metrics", raw.get("metrics"), _SECTIONS["metrics"]))  # type: ignore[arg-type]
+    nfd_config = NfdConfig(**_section_values("nfd", raw.get("nfd"), _SECTIONS["nfd"]))  # type: ignore[arg-type]
     config = Config(
         hpe=hpe,
         discovery=discovery,
@@ -718,6 +814,8 @@ def parse_config(raw: object) -> Config:
         cdi=cdi,
         sharing=sharing,
         dra=dra,
+        metrics=metrics,
+        nfd=nfd_config,
         **top,  # type: ignore[arg-type]
     )
     _check_combination(config, raw)
@@ -759,3 +857,7 @@ def _check_combination(config: Config, raw: Mapping[Any, Any]) -> None:
                 f"deviceListStrategy: cdi-cri names devices by the CDI kind "
                 f"{config.resource_name!r} (the resourceName), which CDI refuses: {problem}"
             )
+    if config.nfd.enabled:
+        problem = nfd.label_name_problem(config.resource_name)
+        if problem:
+            raise ConfigError(f"resourceName: with nfd.enabled, {problem}")
