@@ -100,6 +100,7 @@ registration index is the position in ``registrations``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -893,7 +894,10 @@ class KubeletEmulator:
                 continue  # the kubelet logs and skips what it cannot stat
             if stat.S_ISDIR(mode) or (sockets_only and not stat.S_ISSOCK(mode)):
                 continue
-            os.unlink(entry.path)
+            # Gone since the stat (e.g. a plugin removing its own socket):
+            # the kubelet logs a failed removal and goes on.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
 
     def _load_checkpoint(self) -> None:
         try:
