@@ -7,11 +7,15 @@ import os
 from pathlib import Path
 
 
-def atomic_write(path: Path, content: bytes, mode: int, temp: Path | None = None) -> None:
+def atomic_write(
+    path: Path, content: bytes, mode: int, temp: Path | None = None, *, make_dir: bool = True
+) -> None:
     """Write ``content`` to ``path``: a temp file in the same dir (``temp``,
-    default ``.<name>.tmp``), fsync, rename over ``path``, fsync of the dir."""
+    default ``.<name>.tmp``), fsync, rename over ``path``, fsync of the dir.
+    ``make_dir`` False leaves a missing dir to its owner (FileNotFoundError)."""
     temp = temp or path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_dir:
+        path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(descriptor, "wb") as file:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -31,6 +30,8 @@ from pathlib import Path
 from stc_npu_agent.core import nfd
 from stc_npu_agent.core.config import Config
 from stc_npu_agent.core.devices import Inventory
+from stc_npu_agent.discovery import driver_version
+from stc_npu_agent.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -118,25 +119,19 @@ class NfdFeatureFile:
 
     def _versions(self, inventory: Inventory) -> dict[str, str | None]:
         drivers = sorted({npu.pci.driver for npu in inventory.npus.values() if npu.pci.driver})
-        driver_version = next(
-            (
-                version
-                for driver in drivers
-                if (version := read_version(self._sys_dir / "module" / driver / "version"))
-            ),
+        module_version = next(
+            (version for driver in drivers if (version := driver_version(self._sys_dir, driver))),
             None,
         )
         hpe_version = read_version(self._hpe_version_file) if self._hpe_version_file else None
-        for what, version in (("driver", driver_version), ("HPE", hpe_version)):
+        for what, version in (("driver", module_version), ("HPE", hpe_version)):
             if version is not None and not nfd.is_label_value(version):
                 log.debug("%s version %r is no label value: not labelled", what, version)
-        return {nfd.DRIVER_VERSION: driver_version, nfd.HPE_VERSION: hpe_version}
+        return {nfd.DRIVER_VERSION: module_version, nfd.HPE_VERSION: hpe_version}
 
     def _write(self, content: bytes) -> None:
-        with self._temp.open("wb") as temp:
-            temp.write(content)
-        os.chmod(self._temp, 0o644)
-        os.replace(self._temp, self.path)
+        # NFD owns the features.d dir: a missing one is reported, not made.
+        atomic_write(self.path, content, 0o644, self._temp, make_dir=False)
 
     def _report(self, problem: str) -> None:
         # Once per distinct problem: the tick retries every second.
