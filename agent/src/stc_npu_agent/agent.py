@@ -96,6 +96,21 @@ def socket_identity(path: Path) -> tuple[int, int] | None:
     return (info.st_ino, info.st_mtime_ns)
 
 
+def our_sockets(directory: Path, *, unpublished: bool = False) -> list[Path]:
+    """The sockets of agents of ours in ``directory`` (``stc-npu.<id>.sock``;
+    ``unpublished`` adds those still under their dot-name); none if unreadable."""
+    try:
+        names = [entry.name for entry in os.scandir(directory)]
+    except OSError:
+        return []
+    return [
+        directory / name
+        for name in names
+        if (name.removeprefix(".") if unpublished else name).startswith(SOCKET_PREFIX)
+        and name.endswith(SOCKET_SUFFIX)
+    ]
+
+
 def unix_socket_state(path: Path) -> str:
     """'answers' (something accepts connections), 'refuses' (a stale socket),
     'missing', or 'unreachable' (any other error, e.g. a full backlog)."""
@@ -584,33 +599,19 @@ class Agent:
         One that still answers belongs to a live agent (a rolling update's
         overlap): it is left alone, never fought over.
         """
-        try:
-            entries = list(os.scandir(self.registrar.socket_dir))
-        except OSError:
-            return
-        for entry in entries:
-            name = entry.name.removeprefix(".")  # a plugin-watcher socket not yet published
-            if name.startswith(SOCKET_PREFIX) and name.endswith(SOCKET_SUFFIX):
-                path = Path(entry.path)
-                if unix_socket_state(path) in ("refuses", "missing"):
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-                        log.info("removed stale socket %s", entry.name)
+        # Also a plugin-watcher socket left unpublished under its dot-name.
+        for path in our_sockets(self.registrar.socket_dir, unpublished=True):
+            if unix_socket_state(path) in ("refuses", "missing"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    log.info("removed stale socket %s", path.name)
 
     def _other_agent_serving(self) -> bool:
         """Whether a socket of ours other than this agent's answers in the kubelet dir."""
         own = self.instance.name if self.instance is not None else None
-        directory = self.registrar.socket_dir
-        try:
-            names = [entry.name for entry in os.scandir(directory)]
-        except OSError:
-            return False
         return any(
-            name != own
-            and name.startswith(SOCKET_PREFIX)
-            and name.endswith(SOCKET_SUFFIX)
-            and unix_socket_state(directory / name) == "answers"
-            for name in names
+            path.name != own and unix_socket_state(path) == "answers"
+            for path in our_sockets(self.registrar.socket_dir)
         )
 
     async def _tick(self) -> None:
