@@ -138,7 +138,11 @@ def test_spec_follows_unplug_replug_and_new_npus(
     wait_for(lambda: "stc7" in (device_names(spec_dir) or []), "stc7 in the spec")
     # Rewritten through a temp file that never stays behind (a write may be
     # under way while stc7 settles: wait for the dir to be quiet).
-    kubelet.wait_until(lambda: kubelet.devices(RESOURCE)["stc7"].healthy, what="stc7 healthy")
+    # The spec may list stc7 before the kubelet's list does: wait for both.
+    kubelet.wait_until(
+        lambda: "stc7" in kubelet.devices(RESOURCE) and kubelet.devices(RESOURCE)["stc7"].healthy,
+        what="stc7 healthy",
+    )
     wait_for(lambda: sorted(p.name for p in spec_dir.iterdir()) == [SPEC_NAME], "only the spec")
 
     document = read_spec(spec_dir)
