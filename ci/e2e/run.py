@@ -6,10 +6,16 @@ ALWAYS tear down, and print every measured figure in one block.
 When the machine cannot run it (not root, no cgroup v1 fs, no ../shared/k8s)
 it says exactly why and exits 1; with STC_E2E=skip it says so and exits 0.
 It never passes silently.
+
+One run at a time per machine (the node's paths, netns and cgroups are
+fixed): a second `make e2e` waits for the first. ``STC_E2E_SELECT`` runs
+only some scenarios while working on them (pytest arguments, e.g.
+``tests/e2e/test_1d_dra.py``); CI runs them all.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -20,11 +26,14 @@ import tarfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TextIO
 
 from ci.e2e import cluster, transcript
 from ci.e2e.cluster import E2E_BIN, OUT_DIR, REPO
 
 SHARED = REPO.parent / "shared"
+LOCK_FILE = Path("/run/lock/stc-npu-e2e.lock")
+SELECT_ENV = "STC_E2E_SELECT"
 IMAGES_DIR = OUT_DIR / "images"
 IMAGES_CACHE = Path(os.environ.get("STC_E2E_CACHE", "/var/cache/stc-npu-e2e"))
 # Debian packages the node needs (the image builder installs its own).
@@ -166,7 +175,8 @@ def run_tests(interrupted: Interrupted) -> int:
     env[transcript.START_ENV] = str(transcript.started_at())
     child = subprocess.Popen(
         [
-            sys.executable, "-m", "pytest", "tests/e2e",
+            sys.executable, "-m", "pytest",
+            *(os.environ.get(SELECT_ENV, "").split() or ["tests/e2e"]),
             "-p", "no:cacheprovider", "-q", "-rfEX",
             # -s: the transcript's lines go out as they happen.
             "-s",
@@ -182,6 +192,18 @@ def run_tests(interrupted: Interrupted) -> int:
             return child.wait()
         except KeyboardInterrupt:
             continue
+
+
+def one_run_per_machine() -> TextIO:
+    """Wait for any other run on this machine; the open lock file."""
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    lock = LOCK_FILE.open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"make e2e: another run holds {LOCK_FILE}; waiting for it", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
 
 
 def summary(total: float, cold: bool, outcome: str) -> None:
@@ -214,6 +236,7 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
+    lock = one_run_per_machine()  # noqa: F841 (held until this process exits)
     for old in (OUT_DIR / "transcript.log", OUT_DIR / "figures.jsonl"):
         old.unlink(missing_ok=True)
     shutil.rmtree(cluster.LOG_DIR, ignore_errors=True)
