@@ -567,6 +567,9 @@ class Cluster:
         self.pki = BASE / "pki"
         self.admin_kubeconfig = BASE / "admin.kubeconfig"
         self.kubelet_root = BASE / "kubelet"
+        # The kubelet's plugin watcher's dir (under --root-dir, unlike the
+        # device-plugin dir).
+        self.plugin_registry_dir = self.kubelet_root / "plugins_registry"
 
     # -- clients --
 
@@ -792,6 +795,13 @@ class Cluster:
 
     def stop_kubelet(self) -> None:
         stop_named("kubelet")
+
+    def kubelet_pid(self) -> int:
+        """The pid of the running v1.36 kubelet (from the state file)."""
+        for proc in load_state().get("processes", []):
+            if proc["name"] == "kubelet" and is_running(proc["pid"], proc["start"]):
+                return int(proc["pid"])
+        raise E2EError("the kubelet is not running")
 
     def node(self) -> Any:
         return self.kubectl_json("get", "node", NODE_NAME)

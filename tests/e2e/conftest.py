@@ -60,9 +60,11 @@ class E2E:
 
     def chart_values(
         self,
+        *,
         hpe_mode: str = "mapped",
         device_list_strategy: Sequence[str] = (),
         vendor_probe_tool: str = "",
+        registration: str = "",
     ) -> list[str]:
         """THE one place where the scenarios' helm values are set.
 
@@ -74,6 +76,9 @@ class E2E:
         A ``vendor_probe_tool`` turns the vendor probe on with that stc-smi
         (under hpe.hostPath, which the agent sees at the same path), probing
         every second so a reading turns a signal within a few seconds.
+        A ``registration`` (the chart's default when empty) with
+        plugin-watcher puts the agent's socket in the kubelet's
+        plugins_registry (under the node's kubelet root dir).
         """
         values = {
             "hpe.mode": hpe_mode,
@@ -83,6 +88,9 @@ class E2E:
             values["deviceListStrategy"] = strategy_value(device_list_strategy)
         if "cdi-cri" in device_list_strategy:
             values["cdi.specDir"] = str(cluster.CDI_SPEC_DIR)
+        if registration:
+            values["registration"] = registration
+            values["pluginRegistryDir"] = str(self.cluster.plugin_registry_dir)
         if vendor_probe_tool:
             values["health.vendorProbe.enabled"] = "true"
             values["health.vendorProbe.tool"] = vendor_probe_tool

@@ -49,9 +49,11 @@ def ns_args() -> list[str]:
 def install(
     e2e: E2E,
     helm: str,
+    *,
     hpe_mode: str = "mapped",
     device_list_strategy: Sequence[str] = (),
     vendor_probe_tool: str = "",
+    registration: str = "",
 ) -> None:
     """helm install, then wait for the DaemonSet's pod to be Ready and the
     node to advertise every NPU; the durations go to the transcript."""
@@ -64,10 +66,18 @@ def install(
     if vendor_probe_tool:
         shown += f", health.vendorProbe.tool={vendor_probe_tool}"
         label = f"vendor probe: {helm}"
+    if registration:
+        shown += f", registration={registration}"
+        label = f"{registration}: {helm}"
     with transcript.step(f"{helm} install {RELEASE} ({shown})"):
         e2e.cluster.helm(
             helm, "install", RELEASE, str(CHART), *ns_args(),
-            *e2e.chart_values(hpe_mode, device_list_strategy, vendor_probe_tool),
+            *e2e.chart_values(
+                hpe_mode=hpe_mode,
+                device_list_strategy=device_list_strategy,
+                vendor_probe_tool=vendor_probe_tool,
+                registration=registration,
+            ),
         )  # fmt: skip
     with transcript.step("agent DaemonSet pod Ready"):
         e2e.cluster.kubectl(
@@ -335,7 +345,8 @@ def test_kubelet_restarts_are_followed_by_reregistration(e2e: E2E) -> None:
             )
             transcript.figure(
                 f"kubelet restart {restart}: registration server -> our Register",
-                delay,
+                delay * 1000,
+                unit="ms",
                 note="kubelet log",
             )
             e2e.cluster.wait_node_ready()
