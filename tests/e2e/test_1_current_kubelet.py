@@ -326,33 +326,34 @@ def running_pods(e2e: E2E) -> dict[str, tuple[str, int, str]]:
     }
 
 
+def restart_kubelet(e2e: E2E, figure: str, server_line: str, register_line: str) -> None:
+    """Stop and start the kubelet; the delay from its ``server_line`` to its
+    ``register_line`` for our resource (its own log) goes to the figure
+    ``figure``; then the node is Ready with every NPU allocatable."""
+    e2e.cluster.stop_kubelet()
+    pid = e2e.cluster.start_kubelet()
+    delay, _, _ = kit.wait_result(
+        partial(kit.registration_delay, pid, server_line, register_line, RESOURCE),
+        "the new kubelet's log to show our registration",
+    )
+    transcript.figure(figure, delay * 1000, unit="ms", note="kubelet log")
+    e2e.cluster.wait_node_ready()
+    wait_for(
+        lambda: e2e.cluster.resource(RESOURCE) == NPU_COUNT,
+        f"allocatable {NPU_COUNT} after the restart",
+    )
+
+
 def test_kubelet_restarts_are_followed_by_reregistration(e2e: E2E) -> None:
     before = running_pods(e2e)
     assert before, "the example pods should be running"
     for restart in range(1, KUBELET_RESTARTS + 1):
         with transcript.step(f"kubelet restart {restart}/{KUBELET_RESTARTS}"):
-            e2e.cluster.stop_kubelet()
-            pid = e2e.cluster.start_kubelet()
-            delay, _, _ = kit.wait_result(
-                partial(
-                    kit.registration_delay,
-                    pid,
-                    "Starting device plugin registration server",
-                    "Got registration request from device plugin with resource",
-                    RESOURCE,
-                ),
-                "the kubelet's log to show our Register",
-            )
-            transcript.figure(
+            restart_kubelet(
+                e2e,
                 f"kubelet restart {restart}: registration server -> our Register",
-                delay * 1000,
-                unit="ms",
-                note="kubelet log",
-            )
-            e2e.cluster.wait_node_ready()
-            wait_for(
-                lambda: e2e.cluster.resource(RESOURCE) == NPU_COUNT,
-                f"allocatable {NPU_COUNT} after the restart",
+                "Starting device plugin registration server",
+                "Got registration request from device plugin with resource",
             )
         after = running_pods(e2e)
         assert after == before, f"pods changed across the restart: {before} -> {after}"

@@ -24,7 +24,7 @@ from ci.e2e.cluster import wait_for
 
 from stc_npu_agent.agent import SOCKET_PREFIX
 from tests.e2e import kit
-from tests.e2e.conftest import E2E, NPU_COUNT, RESOURCE
+from tests.e2e.conftest import E2E, RESOURCE
 from tests.e2e.test_1_current_kubelet import (
     IMAGES,
     RESTRICTED_NS,
@@ -34,6 +34,7 @@ from tests.e2e.test_1_current_kubelet import (
     delete_example_pods,
     install,
     our_sockets,
+    restart_kubelet,
     running_pods,
     uninstall,
 )
@@ -102,22 +103,11 @@ def test_kubelet_restarts_find_the_socket_again(e2e: E2E) -> None:
     socket = registry_sockets(e2e)
     for restart in range(1, KUBELET_RESTARTS + 1):
         with transcript.step(f"{REGISTRATION}: kubelet restart {restart}/{KUBELET_RESTARTS}"):
-            e2e.cluster.stop_kubelet()
-            pid = e2e.cluster.start_kubelet()
-            delay, _, _ = kit.wait_result(
-                partial(kit.registration_delay, pid, WATCHER_START, REGISTERING, RESOURCE),
-                "the new kubelet's log to show it registering our plugin",
-            )
-            transcript.figure(
+            restart_kubelet(
+                e2e,
                 f"{REGISTRATION}: kubelet restart {restart}: watcher start -> plugin registered",
-                delay * 1000,
-                unit="ms",
-                note="kubelet log",
-            )
-            e2e.cluster.wait_node_ready()
-            wait_for(
-                lambda: e2e.cluster.resource(RESOURCE) == NPU_COUNT,
-                f"allocatable {NPU_COUNT} after the restart",
+                WATCHER_START,
+                REGISTERING,
             )
         # The agent only kept serving: the same socket, no new one.
         assert registry_sockets(e2e) == socket, f"{socket} -> {registry_sockets(e2e)}"
