@@ -371,3 +371,34 @@ def test_no_cdi_ids_while_the_spec_that_resolves_them_is_missing(host: Path, nod
             assert not (host / "state" / "checkpoint.json").exists()
 
     run_agent(agent, scenario)
+
+
+def test_a_clean_stop_keeps_the_cdi_spec_while_claims_are_prepared(
+    host: Path, node: SimNode
+) -> None:
+    """A container of a pod holding a prepared claim may restart while the
+    agent is away (an upgrade, a crash): the runtime resolves its CDI IDs
+    from the spec then. The spec goes on a clean stop only once no claim
+    is prepared."""
+    claims = FakeClaimSource()
+    claims.put(claim("train", "uid-1", ["stc1"]))
+    kubelet = DraKubeletEmulator(host / "plugins_registry")
+    spec_dir = host / "cdi"
+    first: list[int] = []
+
+    async def prepare(agent: Agent) -> None:
+        registration = await asyncio.to_thread(kubelet.wait_registered, DRIVER)
+        first.append(registration.index)
+        answer = await asyncio.to_thread(kubelet.prepare, DRIVER, [("default", "train", "uid-1")])
+        assert not answer.claims["uid-1"].error
+
+    async def unprepare(agent: Agent) -> None:
+        await asyncio.to_thread(kubelet.wait_registered, DRIVER, after=first[0] + 1)
+        undone = await asyncio.to_thread(kubelet.unprepare, DRIVER, [("default", "train", "uid-1")])
+        assert not undone.claims["uid-1"].error
+
+    with kubelet:
+        run_agent(dra_agent(host, node, claims), prepare)
+        assert "streamcomputing.com/npu=stc1" in cdi_names(spec_dir)
+        run_agent(dra_agent(host, node, claims), unprepare)
+    assert list(spec_dir.glob("*.json")) == []

@@ -12,8 +12,12 @@ The spec itself is built in ``core/cdi.py``; this module only writes it.
 - An unwritable dir is one warning line (again only when the reason
   changes); the agent keeps serving, and while the file is missing Allocate
   answers DeviceSpecs alone when they are configured too (plugin.py).
-- Removed on a clean stop, unless another agent of ours serves the node:
-  during a rolling update the new agent's spec must stay.
+- Removed on a clean stop, unless another agent of ours serves the node
+  (during a rolling update the new agent's spec must stay) or, in mode dra,
+  claims are still prepared: a container of their pods that restarts while
+  the agent is away (an upgrade, a crash) has its CDI IDs resolved from the
+  spec by the runtime then. (Device-plugin mode has no such record of what
+  its answers handed out; the issue's rule stands there.)
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class CdiSpecSink:
         kind: str,
         hpe: HpeConfig,
         other_agent_serving: Callable[[], bool],
+        prepared_claims: Callable[[], int],
     ) -> None:
         self.spec_dir = spec_dir
         self.kind = kind
@@ -60,6 +65,7 @@ class CdiSpecSink:
         self.path = spec_dir / spec_file_name(kind)
         self._temp = spec_dir / f".{self.path.name}.tmp"
         self._other_agent_serving = other_agent_serving
+        self._prepared_claims = prepared_claims
         self._written: bytes | None = None
         self._written_identity: FileIdentity | None = None
         self._problem = ""
@@ -99,6 +105,14 @@ class CdiSpecSink:
             return
         if self._other_agent_serving():
             log.info("left the CDI spec %s in place: another stc-npu agent serves", self.path)
+            return
+        claims = self._prepared_claims()
+        if claims:
+            log.info(
+                "left the CDI spec %s in place: %d prepared DRA claim(s) name its devices",
+                self.path,
+                claims,
+            )
             return
         self._remove("the agent stopped")
 

@@ -148,10 +148,17 @@ def plan_for(
     ``api`` publishes the node's ResourceSlice and is the claim source unless
     ``claims`` is given; without either, every claim is refused with a reason."""
     registry = Path(config.plugin_registry_dir)
-    sinks = sinks_for(config, other_agent_serving, sys_dir=sys_dir, hpe_dir=hpe_dir)
     if config.mode == "dra":
         from stc_npu_agent.draplugin import DRA_SERVICES  # noqa: PLC0415
 
+        services = DraServices(state, config, claims or api or MissingClaimSource(), node_name)
+        sinks = sinks_for(
+            config,
+            other_agent_serving,
+            sys_dir=sys_dir,
+            hpe_dir=hpe_dir,
+            prepared_claims=lambda: len(services.prepared.claims),
+        )
         publisher = None
         if api is not None:
             from stc_npu_agent.kubeapi import slice_publisher  # noqa: PLC0415
@@ -162,10 +169,11 @@ def plan_for(
             sinks.append(publisher)
         return Plan(
             PluginWatcher(registry, DRA_PLUGIN_TYPE, DRA_DRIVER_NAME, DRA_SERVICES, on_status),
-            DraServices(state, config, claims or api or MissingClaimSource(), node_name),
+            services,
             sinks,
             publisher,
         )
+    sinks = sinks_for(config, other_agent_serving, sys_dir=sys_dir, hpe_dir=hpe_dir)
     registrar: Registrar
     if config.registration == "plugin-watcher":
         registrar = PluginWatcher(

@@ -35,23 +35,33 @@ class Sink(Protocol):
         """The agent stops cleanly: undo the side effect if that is right."""
 
 
+def no_prepared_claims() -> int:
+    return 0
+
+
 def sinks_for(
     config: Config,
     other_agent_serving: Callable[[], bool],
     *,
     sys_dir: Path,
     hpe_dir: Path | None,
+    prepared_claims: Callable[[], int] = no_prepared_claims,
 ) -> list[Sink]:
     """The sinks the config asks for. ``other_agent_serving`` tells a sink at
     stop whether another agent of ours serves this node (a rolling update's
-    overlap), whose side effects must stay."""
+    overlap), whose side effects must stay; ``prepared_claims`` (mode dra)
+    how many claims the node's pods hold, whose CDI IDs must stay resolvable."""
     sinks: list[Sink] = []
     if config.uses_cdi:
         from stc_npu_agent.cdi import CdiSpecSink  # noqa: PLC0415 (only when used)
 
         sinks.append(
             CdiSpecSink(
-                Path(config.cdi.spec_dir), config.resource_name, config.hpe, other_agent_serving
+                Path(config.cdi.spec_dir),
+                config.resource_name,
+                config.hpe,
+                other_agent_serving,
+                prepared_claims,
             )
         )
     if config.nfd.enabled:
