@@ -63,6 +63,7 @@ class E2E:
         hpe_mode: str = "mapped",
         device_list_strategy: Sequence[str] = (),
         vendor_probe_tool: str = "",
+        mode: str = "device-plugin",
     ) -> list[str]:
         """THE one place where the scenarios' helm values are set.
 
@@ -74,6 +75,9 @@ class E2E:
         A ``vendor_probe_tool`` turns the vendor probe on with that stc-smi
         (under hpe.hostPath, which the agent sees at the same path), probing
         every second so a reading turns a signal within a few seconds.
+        ``mode`` dra registers in the kubelet's plugins_registry under its
+        --root-dir (the checkpoint dir is beside it) and writes the CDI spec
+        into containerd's private spec dir.
         """
         values = {
             "hpe.mode": hpe_mode,
@@ -82,6 +86,10 @@ class E2E:
         if device_list_strategy:
             values["deviceListStrategy"] = strategy_value(device_list_strategy)
         if "cdi-cri" in device_list_strategy:
+            values["cdi.specDir"] = str(cluster.CDI_SPEC_DIR)
+        if mode != "device-plugin":
+            values["mode"] = mode
+            values["pluginRegistryDir"] = str(self.cluster.kubelet_root / "plugins_registry")
             values["cdi.specDir"] = str(cluster.CDI_SPEC_DIR)
         if vendor_probe_tool:
             values["health.vendorProbe.enabled"] = "true"
