@@ -145,6 +145,19 @@ def example_objects(file_name: str) -> list[dict[str, Any]]:
     return objects
 
 
+def example_output_nodes(e2e: E2E, pod_name: str, container: str) -> set[str]:
+    """The /dev/stc* nodes the example's own `ls -l /dev/stc*` listed (its log)."""
+
+    def fetch() -> set[str]:
+        log = e2e.cluster.kubectl("-n", RESTRICTED_NS, "logs", pod_name, "-c", container).stdout
+        nodes = {line.rsplit("/", 1)[1] for line in log.splitlines() if " /dev/stc" in line}
+        if not nodes:
+            raise LookupError(f"{pod_name}/{container} has logged no /dev/stc* yet: {log!r}")
+        return nodes
+
+    return kit.wait_result(fetch, f"the ls of {pod_name}/{container}")
+
+
 def apply_objects(e2e: E2E, objects: list[dict[str, Any]]) -> None:
     e2e.cluster.kubectl(
         "-n", RESTRICTED_NS, "apply", "-f", "-",
@@ -255,6 +268,20 @@ def container_exec(e2e: E2E, pod_name: str, container: str, script: str) -> str:
     return e2e.cluster.kubectl(
         "-n", RESTRICTED_NS, "exec", pod_name, "-c", container, "--", "sh", "-c", script
     ).stdout
+
+
+def wait_exec(e2e: E2E, pod_name: str, container: str) -> None:
+    """Wait until ``kubectl exec`` reaches the container (right after a
+    kubelet restart the kubelet answers "pod does not exist" for a moment)."""
+
+    def probe() -> None:
+        result = e2e.cluster.kubectl(
+            "-n", RESTRICTED_NS, "exec", pod_name, "-c", container, "--", "true", check=False
+        )
+        if result.returncode != 0:
+            raise LookupError(result.stderr.strip())
+
+    kit.wait_result(probe, f"kubectl exec into {pod_name}/{container}")
 
 
 def check_container_view(e2e: E2E, pod_name: str, container: str, npu_ids: list[str]) -> None:
@@ -392,6 +419,8 @@ def test_dra_two_npus_on_one_numa_node(e2e: E2E) -> None:
         numa = {attribute_values(devices[npu])["numaNode"] for npu in npu_ids}
         assert len(numa) == 1, f"{npu_ids} are on NUMA nodes {numa}"
     with transcript.step("the pod sees exactly those NPUs; the agent prepared them"):
+        listed = example_output_nodes(e2e, name, "main")
+        assert listed == kit.npu_node_names(npu_ids), f"the example's ls: {sorted(listed)}"
         check_container_view(e2e, name, "main", npu_ids)
         check_prepared(e2e, claim_name, npu_ids)
     delete_all(e2e)
@@ -405,6 +434,8 @@ def test_dra_shared_claim_gives_both_containers_the_same_npu(e2e: E2E) -> None:
         transcript.say(f"  one-npu: allocated {','.join(npu_ids)}")
         assert len(npu_ids) == 1, npu_ids
         for container in ("inference", "monitor"):
+            listed = example_output_nodes(e2e, name, container)
+            assert listed == kit.npu_node_names(npu_ids), f"{container}'s ls: {sorted(listed)}"
             check_container_view(e2e, name, container, npu_ids)
         check_prepared(e2e, "one-npu", npu_ids)
     delete_all(e2e)
@@ -502,6 +533,7 @@ def test_dra_kubelet_and_agent_restarts_lose_no_claim(e2e: E2E) -> None:
             "the node's slice after the kubelet restart",
         )
         assert pod_identity(e2e, first) == before, "the pod changed across the restart"
+        wait_exec(e2e, first, "main")
         check_container_view(e2e, first, "main", first_npus)
     with transcript.step("a new claim is prepared after the kubelet restart"):
         second, _ = run_pod(e2e, [sleeping_pod("after-kubelet", claim_template="one-npu")])
