@@ -10,9 +10,9 @@ What is emulated (the kubelet's ``pkg/kubelet/cm/dra`` as of 1.34-1.36):
   (``v1.DRAPlugin``, then ``v1beta1.DRAPlugin``), else the registration
   fails. The kubelet dials the endpoint, answers
   ``NotifyRegistrationStatus``, and at once opens the health stream
-  (``NodeWatchResources`` of ``health_package``: v1alpha1 in 1.34/1.35,
-  newer packages later; None: a kubelet with the ResourceHealthStatus gate
-  off, which never opens it), consumed in a thread; every message replaces
+  (``NodeWatchResources`` of ``health_package``: v1alpha1 in 1.34-1.36,
+  the only health package the v1.36.2 kubelet has; None: a kubelet with the
+  ResourceHealthStatus gate off, which never opens it), consumed in a thread; every message replaces
   the health of the driver's devices (``health()``, history in
   ``health_updates``).
 * ``prepare`` / ``unprepare``: one call with the given claims over the
