@@ -14,7 +14,10 @@ What is emulated (the kubelet's ``pkg/kubelet/cm/dra`` as of 1.34-1.36):
   the only health package the v1.36.2 kubelet has; None: a kubelet with the
   ResourceHealthStatus gate off, which never opens it), consumed in a thread; every message replaces
   the health of the driver's devices (``health()``, history in
-  ``health_updates``).
+  ``health_updates``). As the kubelet's health cache, a device not heard of
+  for its timeout (``health_check_timeout_seconds``, or ``health_timeout``
+  when that is 0: 30 s in the kubelet) counts as UNKNOWN: a driver must
+  repeat its list, not only send changes.
 * ``prepare`` / ``unprepare``: one call with the given claims over the
   chosen version's path, the answer returned as is (per-claim errors
   included).
@@ -49,6 +52,9 @@ SERVICES = {
     "v1beta1.DRAPlugin": "k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin",
 }
 DIAL_TIMEOUT = 10.0
+# The kubelet's timeout of a device's health when the driver gives none
+# (pkg/kubelet/cm/dra: HealthCheckTimeout 30 s in its dra_health_state).
+HEALTH_TIMEOUT = 30.0
 
 ClaimRef = tuple[str, str, str]  # namespace, name, uid
 ResponseT = TypeVar("ResponseT")
@@ -79,15 +85,19 @@ class DraKubeletEmulator:
         *,
         services: Sequence[str] = tuple(SERVICES),
         health_package: str | None = "v1alpha1",
+        health_timeout: float = HEALTH_TIMEOUT,
     ) -> None:
         self.registry_dir = Path(registry_dir).absolute()
         self.services = tuple(services)
         self.health_package = health_package
+        self.health_timeout = health_timeout
         self._cond = threading.Condition(threading.RLock())
         self._changes = 0
         self._registrations: list[DraRegistration] = []
         self._drivers: dict[str, _Driver] = {}  # by driver name
         self._health: dict[str, dict[tuple[str, str], tuple[str, str]]] = {}
+        # (driver, pool, device) -> (monotonic time heard of, its timeout)
+        self._heard: dict[tuple[str, str, str], tuple[float, float]] = {}
         self.health_updates: list[tuple[float, dict[tuple[str, str], tuple[str, str]]]] = []
         self._watcher: PluginDirWatcher | None = None
 
@@ -152,9 +162,15 @@ class DraKubeletEmulator:
 
     def health(self, driver: str) -> dict[str, tuple[str, str]]:
         """Device name -> (health, message), health as the enum's name
-        (HEALTHY, UNHEALTHY, UNKNOWN), from the latest message."""
+        (HEALTHY, UNHEALTHY, UNKNOWN), from the latest message; UNKNOWN
+        when that message is older than the device's timeout."""
+        now = time.monotonic()
         with self._cond:
-            return {device: status for (_, device), status in self._health.get(driver, {}).items()}
+            result = {}
+            for (pool, device), status in self._health.get(driver, {}).items():
+                heard, timeout = self._heard.get((driver, pool, device), (now, 0.0))
+                result[device] = ("UNKNOWN", status[1]) if now - heard > timeout else status
+            return result
 
     def health_pools(self, driver: str) -> set[str]:
         with self._cond:
@@ -304,9 +320,14 @@ class DraKubeletEmulator:
                     )
                     for d in message.devices
                 }
+                now = time.monotonic()
                 with self._cond:
                     if self._drivers.get(name) is not driver:
                         return
+                    for d in message.devices:
+                        timeout = float(d.health_check_timeout_seconds) or self.health_timeout
+                        key = (name, d.device.pool_name, d.device.device_name)
+                        self._heard[key] = (now, timeout)
                     self._health[name] = devices
                     self.health_updates.append((time.monotonic(), dict(devices)))
                     self._notify()
