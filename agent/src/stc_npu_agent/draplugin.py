@@ -61,9 +61,9 @@ _DRA_V1BETA1 = "k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin"
 _HEALTH_PACKAGES = ("v1", "v1beta1", "v1alpha1")
 _HEALTH = {"Healthy": health_pb2.HEALTHY, "Unhealthy": health_pb2.UNHEALTHY}
 MAX_HEALTH_MESSAGE = 1024
-# The kubelet's health cache takes a device's health for its timeout (30 s
-# when the driver sends 0, as we do) and then reports it Unknown: the whole
-# list is sent again well within that.
+# The kubelet's health cache reports a device it has not heard of for 30 s
+# as Unknown (a constant there; the message's health_check_timeout_seconds
+# is not used yet): the whole list is sent again well within that.
 HEALTH_RESEND_INTERVAL = 10.0
 
 

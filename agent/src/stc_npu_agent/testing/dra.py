@@ -14,10 +14,10 @@ What is emulated (the kubelet's ``pkg/kubelet/cm/dra`` as of 1.34-1.36):
   the only health package the v1.36.2 kubelet has; None: a kubelet with the
   ResourceHealthStatus gate off, which never opens it), consumed in a thread; every message replaces
   the health of the driver's devices (``health()``, history in
-  ``health_updates``). As the kubelet's health cache, a device not heard of
-  for its timeout (``health_check_timeout_seconds``, or ``health_timeout``
-  when that is 0: 30 s in the kubelet) counts as UNKNOWN: a driver must
-  repeat its list, not only send changes.
+  ``health_updates``). As the kubelet's health cache (``healthinfo.go``), a
+  device not heard of for ``health_timeout`` (a constant 30 s in the kubelet;
+  the message's ``health_check_timeout_seconds`` is not used yet) counts as
+  UNKNOWN: a driver must repeat its list, not only send changes.
 * ``prepare`` / ``unprepare``: one call with the given claims over the
   chosen version's path, the answer returned as is (per-claim errors
   included).
@@ -52,8 +52,8 @@ SERVICES = {
     "v1beta1.DRAPlugin": "k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin",
 }
 DIAL_TIMEOUT = 10.0
-# The kubelet's timeout of a device's health when the driver gives none
-# (pkg/kubelet/cm/dra: HealthCheckTimeout 30 s in its dra_health_state).
+# The kubelet's health cache counts a device it has not heard of for this
+# long as Unknown (pkg/kubelet/cm/dra/healthinfo.go: healthTimeout).
 HEALTH_TIMEOUT = 30.0
 
 ClaimRef = tuple[str, str, str]  # namespace, name, uid
@@ -96,8 +96,8 @@ class DraKubeletEmulator:
         self._registrations: list[DraRegistration] = []
         self._drivers: dict[str, _Driver] = {}  # by driver name
         self._health: dict[str, dict[tuple[str, str], tuple[str, str]]] = {}
-        # (driver, pool, device) -> (monotonic time heard of, its timeout)
-        self._heard: dict[tuple[str, str, str], tuple[float, float]] = {}
+        # (driver, pool, device) -> monotonic time last heard of
+        self._heard: dict[tuple[str, str, str], float] = {}
         self.health_updates: list[tuple[float, dict[tuple[str, str], tuple[str, str]]]] = []
         self._watcher: PluginDirWatcher | None = None
 
@@ -168,8 +168,9 @@ class DraKubeletEmulator:
         with self._cond:
             result = {}
             for (pool, device), status in self._health.get(driver, {}).items():
-                heard, timeout = self._heard.get((driver, pool, device), (now, 0.0))
-                result[device] = ("UNKNOWN", status[1]) if now - heard > timeout else status
+                heard = self._heard.get((driver, pool, device), now)
+                stale = now - heard > self.health_timeout
+                result[device] = ("UNKNOWN", status[1]) if stale else status
             return result
 
     def health_pools(self, driver: str) -> set[str]:
@@ -324,10 +325,8 @@ class DraKubeletEmulator:
                 with self._cond:
                     if self._drivers.get(name) is not driver:
                         return
-                    for d in message.devices:
-                        timeout = float(d.health_check_timeout_seconds) or self.health_timeout
-                        key = (name, d.device.pool_name, d.device.device_name)
-                        self._heard[key] = (now, timeout)
+                    for pool, device in devices:
+                        self._heard[(name, pool, device)] = now
                     self._health[name] = devices
                     self.health_updates.append((time.monotonic(), dict(devices)))
                     self._notify()
