@@ -473,7 +473,9 @@ def pod_device_health(e2e: E2E, pod_name: str, npu: str, health: str) -> list[An
     allocated = [entry for c in statuses for entry in c.get("allocatedResourcesStatus") or []]
     for entry in allocated:
         for resource in entry.get("resources") or []:
-            if resource.get("resourceID", "").endswith(f"/{npu}") and (
+            # The kubelet names a device by its first CDI ID (ours:
+            # streamcomputing.com/npu=stc3), else driver/pool/device.
+            if resource.get("resourceID", "").endswith((f"={npu}", f"/{npu}")) and (
                 resource.get("health") == health
             ):
                 return allocated
