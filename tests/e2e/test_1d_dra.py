@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -374,6 +375,15 @@ def prepare_latency(e2e: E2E) -> tuple[float, int]:
     if not count:
         raise LookupError("no NodePrepareResources in the kubelet's metrics")
     return total / count, int(count)
+
+
+@pytest.fixture(autouse=True)
+def _no_claims_left(e2e: E2E) -> Iterator[None]:
+    """Each scenario ends with no pod or claim of ours, also when it failed:
+    the next one counts claims and NPUs."""
+    yield
+    if e2e.cluster.kubectl("get", "namespace", RESTRICTED_NS, check=False).returncode == 0:
+        delete_all(e2e)
 
 
 # --- the scenarios, in order -------------------------------------------------
