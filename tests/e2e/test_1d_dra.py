@@ -84,6 +84,13 @@ def slice_devices(e2e: E2E) -> dict[str, dict[str, Any]]:
     return {device["name"]: device for device in node_slice(e2e)["spec"].get("devices", [])}
 
 
+def every_npu_in_the_slice(e2e: E2E) -> None:
+    """Returns once the node's slice lists every NPU (raises before)."""
+    devices = slice_devices(e2e)
+    if len(devices) != NPU_COUNT:
+        raise LookupError(f"the slice lists {sorted(devices)}")
+
+
 def attribute_values(device: dict[str, Any]) -> dict[str, Any]:
     """{name: value} of a slice device's attributes (the one-key value objects)."""
     return {
@@ -123,15 +130,8 @@ def install_dra(e2e: E2E) -> None:
         )
     transcript.figure("dra: install -> agent pod Ready", kit.since(started))
     with transcript.step(f"the node's ResourceSlice with {NPU_COUNT} devices"):
-        kit.wait_result(
-            lambda: len(slice_devices(e2e)) == NPU_COUNT or _raise("not every NPU yet"),
-            "the node's ResourceSlice",
-        )
+        kit.wait_result(lambda: every_npu_in_the_slice(e2e), "the node's ResourceSlice")
     transcript.figure("dra: install -> ResourceSlice published", kit.since(started))
-
-
-def _raise(why: str) -> bool:
-    raise LookupError(why)
 
 
 # --- pods, claims and what a container sees -----------------------------------
@@ -600,8 +600,7 @@ def test_dra_kubelet_and_agent_restarts_lose_no_claim(e2e: E2E) -> None:
         transcript.say(f"  kubelet: {registered.text[:300]}")
         e2e.cluster.wait_node_ready()
         kit.wait_result(
-            lambda: len(slice_devices(e2e)) == NPU_COUNT or _raise("not every NPU"),
-            "the node's slice after the kubelet restart",
+            lambda: every_npu_in_the_slice(e2e), "the node's slice after the kubelet restart"
         )
         assert pod_identity(e2e, first) == before, "the pod changed across the restart"
         wait_exec(e2e, first, "main")
