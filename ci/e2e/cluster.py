@@ -352,7 +352,7 @@ def make_pki(pki: Path) -> None:
         "apiserver": (
             "/CN=kube-apiserver",
             "extendedKeyUsage=serverAuth\nsubjectAltName="
-            f"IP:{NODE_IP},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,"
+            f"IP:{NODE_IP},IP:127.0.0.1,IP:{KUBERNETES_SERVICE_IP},DNS:kubernetes,"
             "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:localhost",
         ),
         "apiserver-kubelet-client": (
