@@ -51,6 +51,9 @@ HOST_VETH, NODE_VETH = "stce2e-host", "stce2e-node"
 HOST_IP, NODE_IP = "10.213.0.1", "10.213.0.2"
 POD_SUBNET = "10.214.0.0/24"
 SERVICE_RANGE = "10.96.0.0/24"
+# The `kubernetes` Service (the first IP of SERVICE_RANGE, in the apiserver's
+# certificate): pods reach the API server there (KUBERNETES_SERVICE_HOST).
+KUBERNETES_SERVICE_IP = "10.96.0.1"
 NODE_NAME = "stc-e2e-node"
 APISERVER = f"https://{NODE_IP}:6443"
 CGROUP_NAME = "stc-npu-e2e"  # the kubelet's cgroupRoot, in every v1 hierarchy
@@ -349,7 +352,7 @@ def make_pki(pki: Path) -> None:
         "apiserver": (
             "/CN=kube-apiserver",
             "extendedKeyUsage=serverAuth\nsubjectAltName="
-            f"IP:{NODE_IP},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,"
+            f"IP:{NODE_IP},IP:127.0.0.1,IP:{KUBERNETES_SERVICE_IP},DNS:kubernetes,"
             "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:localhost",
         ),
         "apiserver-kubelet-client": (
@@ -464,7 +467,10 @@ temp = "{base}/containerd/tmp"
 
 
 def cni_config(base: Path) -> str:
-    """A bridge network inside the node's netns; no masquerade, no iptables."""
+    """A bridge network inside the node's netns; no masquerade, no iptables.
+    Pods route only the Service range, through the bridge, where the node's
+    DNAT (route_kubernetes_service) takes the `kubernetes` Service's IP to
+    the API server; nothing else outside the pod network is reachable."""
     return json.dumps(
         {
             "cniVersion": "1.0.0",
@@ -479,6 +485,7 @@ def cni_config(base: Path) -> str:
                     "ipam": {
                         "type": "host-local",
                         "ranges": [[{"subnet": POD_SUBNET}]],
+                        "routes": [{"dst": SERVICE_RANGE}],
                         "dataDir": str(base / "cni" / "ipam"),
                     },
                 }
@@ -530,6 +537,22 @@ def kubelet_config(base: Path, pki: Path) -> str:
 
 
 # --- the node -----------------------------------------------------------
+
+
+def route_kubernetes_service() -> None:
+    """What kube-proxy would do for the one Service the node needs: the
+    `kubernetes` Service's IP:443 to the API server, for pods (prerouting)
+    and the node's own processes (output). nft, not iptables: one ruleset,
+    whatever iptables flavour the host has. The rules live in the node's
+    netns and go with it at teardown."""
+    dnat = f"ip daddr {KUBERNETES_SERVICE_IP} tcp dport 443 dnat to {NODE_IP}:6443"
+    ruleset = f"""\
+table ip {NETNS} {{
+  chain prerouting {{ type nat hook prerouting priority -100; {dnat}; }}
+  chain output {{ type nat hook output priority -100; {dnat}; }}
+}}
+"""
+    run(["ip", "netns", "exec", NETNS, "nft", "-f", "-"], input_text=ruleset)
 
 
 def make_node_mount_namespace() -> None:
@@ -677,6 +700,7 @@ class Cluster:
         run(["ip", "-n", NETNS, "addr", "add", f"{NODE_IP}/30", "dev", NODE_VETH])
         run(["ip", "-n", NETNS, "link", "set", NODE_VETH, "up"])
         run(["ip", "-n", NETNS, "link", "set", "lo", "up"])
+        route_kubernetes_service()
         make_node_mount_namespace()
 
     def _start_etcd(self) -> None:
@@ -801,7 +825,7 @@ class Cluster:
         for proc in load_state().get("processes", []):
             if proc["name"] == "kubelet" and is_running(proc["pid"], proc["start"]):
                 return int(proc["pid"])
-        raise E2EError("the kubelet is not running")
+        raise LookupError("the kubelet is not running")
 
     def node(self) -> Any:
         return self.kubectl_json("get", "node", NODE_NAME)

@@ -31,6 +31,9 @@ HPE_MARKER = "stc-npu-e2e.txt"
 # The vendor's nodes are usually 0666 (images/pod-mapped/Dockerfile): the
 # example pods run as uid 1000.
 NODE_MODE = 0o666
+# The simulated `stc` kernel module's version (/sys/module/stc/version): the
+# DRA slice's driverVersion attribute.
+DRIVER_VERSION = "1.4.0"
 
 
 class HostNpus:
@@ -41,6 +44,9 @@ class HostNpus:
         record("dirs", str(SIM_ROOT))
         self.sim = SimNode(SIM_ROOT, major=DEVICE_MAJOR)
         self.count = count
+        module = self.sim.sys_dir / "module" / "stc"
+        module.mkdir(parents=True, exist_ok=True)
+        (module / "version").write_text(f"{DRIVER_VERSION}\n")
         for index in range(count):
             self.sim.add_npu(index, numa_node=index // 2)
             self._mknod_all(index)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from stc_npu_agent import draplugin
 from stc_npu_agent.agent import Agent
 from stc_npu_agent.claims import FakeClaimSource
 from stc_npu_agent.core.config import parse_config
@@ -324,6 +325,26 @@ def test_without_a_claim_source_every_claim_says_so(host: Path, node: SimNode) -
             await asyncio.to_thread(kubelet.wait_registered, DRIVER)
             answer = await asyncio.to_thread(kubelet.prepare, DRIVER, [("ns", "c", "uid-c")])
             assert "no Kubernetes API client is configured" in answer.claims["uid-c"].error
+
+    run_agent(agent, scenario)
+
+
+def test_health_stays_known_past_the_kubelets_timeout(
+    host: Path, node: SimNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kubelet counts a device's health as Unknown once it has not heard
+    # of it for its timeout (30 s; seen on v1.36.2: pods' allocatedResourcesStatus
+    # Unknown): the agent repeats the whole list well within it, with no change.
+    monkeypatch.setattr(draplugin, "HEALTH_RESEND_INTERVAL", 0.2)
+    agent = dra_agent(host, node, FakeClaimSource())
+    kubelet = DraKubeletEmulator(host / "plugins_registry", health_timeout=2.0)
+
+    async def scenario(agent: Agent) -> None:
+        with kubelet:
+            await asyncio.to_thread(kubelet.wait_registered, DRIVER)
+            assert kubelet.health(DRIVER)["stc0"] == ("HEALTHY", "")
+            await asyncio.sleep(3.0)  # past the timeout; nothing changed
+            assert kubelet.health(DRIVER) == {f"stc{i}": ("HEALTHY", "") for i in range(4)}
 
     run_agent(agent, scenario)
 

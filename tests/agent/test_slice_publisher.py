@@ -272,6 +272,37 @@ async def test_api_errors_are_retried_and_warned_once(
 
 
 @sync
+async def test_a_node_read_that_fails_for_a_while_still_gives_the_owner_reference(
+    server: FakeApiServer, make: Callable[..., Harness], tmp_path: Path
+) -> None:
+    # An agent that starts before it can reach the API server (on the real
+    # cluster: before the Service route works) must not publish an orphan
+    # slice for good: the Node is read again with the write's retries.
+    node = SimNode(tmp_path)
+    node.add_npu(0)
+    server.fail_next = [503]  # the node read
+    harness = make(min_interval=0.05)
+    harness.publisher.update(scan(node))
+    await until(lambda: SLICE in server.slices, "the slice is created after the error")
+    owners = server.slices[SLICE]["metadata"].get("ownerReferences")
+    assert owners, "the slice was published without the Node as its owner"
+    assert owners[0]["uid"] == server.nodes[NODE]["metadata"]["uid"]
+
+
+@sync
+async def test_a_node_the_agent_may_not_read_leaves_the_slice_without_owner(
+    server: FakeApiServer, make: Callable[..., Harness], tmp_path: Path
+) -> None:
+    node = SimNode(tmp_path)
+    node.add_npu(0)
+    server.fail_next = [403]  # the node read: RBAC without nodes get
+    harness = make(min_interval=0.05)
+    harness.publisher.update(scan(node))
+    await until(lambda: SLICE in server.slices, "the slice is created without its owner")
+    assert not server.slices[SLICE]["metadata"].get("ownerReferences")
+
+
+@sync
 async def test_a_slice_changed_by_someone_else_is_read_again(
     server: FakeApiServer, make: Callable[..., Harness], tmp_path: Path
 ) -> None:

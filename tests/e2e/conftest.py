@@ -65,6 +65,7 @@ class E2E:
         device_list_strategy: Sequence[str] = (),
         vendor_probe_tool: str = "",
         registration: str = "",
+        mode: str = "device-plugin",
     ) -> list[str]:
         """THE one place where the scenarios' helm values are set.
 
@@ -79,6 +80,9 @@ class E2E:
         A ``registration`` (the chart's default when empty) with
         plugin-watcher puts the agent's socket in the kubelet's
         plugins_registry (under the node's kubelet root dir).
+        ``mode`` dra registers in that plugins_registry too (the checkpoint
+        dir is beside it) and writes the CDI spec into containerd's private
+        spec dir.
         """
         values = {
             "hpe.mode": hpe_mode,
@@ -91,6 +95,10 @@ class E2E:
         if registration:
             values["registration"] = registration
             values["pluginRegistryDir"] = str(self.cluster.plugin_registry_dir)
+        if mode != "device-plugin":
+            values["mode"] = mode
+            values["pluginRegistryDir"] = str(self.cluster.plugin_registry_dir)
+            values["cdi.specDir"] = str(cluster.CDI_SPEC_DIR)
         if vendor_probe_tool:
             values["health.vendorProbe.enabled"] = "true"
             values["health.vendorProbe.tool"] = vendor_probe_tool

@@ -15,12 +15,15 @@ and the device health stream, translating between protobuf and the core.
   pod startup loses nothing. An unreadable one is set aside, with one line.
 - NodeWatchResources (health ``v1``, and the same messages under the
   ``v1alpha1``/``v1beta1`` paths): the health of every NPU of the inventory,
-  sent at once and again on every change the kubelet's view has.
+  sent at once, again on every change the kubelet's view has, and at least
+  every ``HEALTH_RESEND_INTERVAL`` with no change: the kubelet counts a
+  device it has not heard of for 30 s as Unknown in pod status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -58,6 +61,10 @@ _DRA_V1BETA1 = "k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin"
 _HEALTH_PACKAGES = ("v1", "v1beta1", "v1alpha1")
 _HEALTH = {"Healthy": health_pb2.HEALTHY, "Unhealthy": health_pb2.UNHEALTHY}
 MAX_HEALTH_MESSAGE = 1024
+# The kubelet's health cache reports a device it has not heard of for 30 s
+# as Unknown (a constant there; the message's health_check_timeout_seconds
+# is not used yet): the whole list is sent again well within that.
+HEALTH_RESEND_INTERVAL = 10.0
 
 
 class PreparedClaims:
@@ -246,7 +253,8 @@ class HealthService(health_grpc.DRAResourceHealthServicer):
             while not streams.closing:
                 change = self.state.next_change()  # taken before sending: no lost wake-up
                 yield health_response(self.state.inventory, self.pool)
-                await change.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(change.wait(), HEALTH_RESEND_INTERVAL)
             ended_by_kubelet = False
         finally:
             streams.open_streams -= 1

@@ -253,9 +253,16 @@ class SlicePublisher:
         )
 
     async def _read_node_uid(self) -> str:
+        """The Node's UID for the owner reference; "" when the agent may not
+        read it (or it is not there). Any other error (no answer, a server
+        error) fails the round, so the Node is read again with its retries:
+        an agent that started before it could reach the API server must not
+        publish an orphan slice for good."""
         try:
             return await self.api.node_uid(self.node_name) or ""
         except ApiError as error:
+            if error.status not in (401, 403, 404):
+                raise
             log.warning(
                 "cannot read Node %s (%s): its ResourceSlice gets no owner reference and "
                 "outlives a deleted Node until the kubelet's clean-up",

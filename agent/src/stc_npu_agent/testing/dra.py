@@ -10,11 +10,14 @@ What is emulated (the kubelet's ``pkg/kubelet/cm/dra`` as of 1.34-1.36):
   (``v1.DRAPlugin``, then ``v1beta1.DRAPlugin``), else the registration
   fails. The kubelet dials the endpoint, answers
   ``NotifyRegistrationStatus``, and at once opens the health stream
-  (``NodeWatchResources`` of ``health_package``: v1alpha1 in 1.34/1.35,
-  newer packages later; None: a kubelet with the ResourceHealthStatus gate
-  off, which never opens it), consumed in a thread; every message replaces
+  (``NodeWatchResources`` of ``health_package``: v1alpha1 in 1.34-1.36,
+  the only health package the v1.36.2 kubelet has; None: a kubelet with the
+  ResourceHealthStatus gate off, which never opens it), consumed in a thread; every message replaces
   the health of the driver's devices (``health()``, history in
-  ``health_updates``).
+  ``health_updates``). As the kubelet's health cache (``healthinfo.go``), a
+  device not heard of for ``health_timeout`` (a constant 30 s in the kubelet;
+  the message's ``health_check_timeout_seconds`` is not used yet) counts as
+  UNKNOWN: a driver must repeat its list, not only send changes.
 * ``prepare`` / ``unprepare``: one call with the given claims over the
   chosen version's path, the answer returned as is (per-claim errors
   included).
@@ -49,6 +52,9 @@ SERVICES = {
     "v1beta1.DRAPlugin": "k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin",
 }
 DIAL_TIMEOUT = 10.0
+# The kubelet's health cache counts a device it has not heard of for this
+# long as Unknown (pkg/kubelet/cm/dra/healthinfo.go: healthTimeout).
+HEALTH_TIMEOUT = 30.0
 
 ClaimRef = tuple[str, str, str]  # namespace, name, uid
 ResponseT = TypeVar("ResponseT")
@@ -79,15 +85,19 @@ class DraKubeletEmulator:
         *,
         services: Sequence[str] = tuple(SERVICES),
         health_package: str | None = "v1alpha1",
+        health_timeout: float = HEALTH_TIMEOUT,
     ) -> None:
         self.registry_dir = Path(registry_dir).absolute()
         self.services = tuple(services)
         self.health_package = health_package
+        self.health_timeout = health_timeout
         self._cond = threading.Condition(threading.RLock())
         self._changes = 0
         self._registrations: list[DraRegistration] = []
         self._drivers: dict[str, _Driver] = {}  # by driver name
         self._health: dict[str, dict[tuple[str, str], tuple[str, str]]] = {}
+        # (driver, pool, device) -> monotonic time last heard of
+        self._heard: dict[tuple[str, str, str], float] = {}
         self.health_updates: list[tuple[float, dict[tuple[str, str], tuple[str, str]]]] = []
         self._watcher: PluginDirWatcher | None = None
 
@@ -152,9 +162,16 @@ class DraKubeletEmulator:
 
     def health(self, driver: str) -> dict[str, tuple[str, str]]:
         """Device name -> (health, message), health as the enum's name
-        (HEALTHY, UNHEALTHY, UNKNOWN), from the latest message."""
+        (HEALTHY, UNHEALTHY, UNKNOWN), from the latest message; UNKNOWN
+        when that message is older than the device's timeout."""
+        now = time.monotonic()
         with self._cond:
-            return {device: status for (_, device), status in self._health.get(driver, {}).items()}
+            result = {}
+            for (pool, device), status in self._health.get(driver, {}).items():
+                heard = self._heard.get((driver, pool, device), now)
+                stale = now - heard > self.health_timeout
+                result[device] = ("UNKNOWN", status[1]) if stale else status
+            return result
 
     def health_pools(self, driver: str) -> set[str]:
         with self._cond:
@@ -304,9 +321,12 @@ class DraKubeletEmulator:
                     )
                     for d in message.devices
                 }
+                now = time.monotonic()
                 with self._cond:
                     if self._drivers.get(name) is not driver:
                         return
+                    for pool, device in devices:
+                        self._heard[(name, pool, device)] = now
                     self._health[name] = devices
                     self.health_updates.append((time.monotonic(), dict(devices)))
                     self._notify()
