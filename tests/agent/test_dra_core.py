@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from stc_npu_agent.core.config import StcSetDevices
 from stc_npu_agent.core.devices import DeviceRules, Inventory
 from stc_npu_agent.core.dra import (
     ClaimError,
     PreparedClaim,
     PreparedDevice,
     checkpoint_document,
+    claim_spec,
     parse_checkpoint,
     prepare_claim,
 )
@@ -20,6 +22,7 @@ from stc_npu_agent.discovery import DeviceScanner
 from stc_npu_agent.draplugin import PreparedClaims
 from stc_npu_agent.testing.simnode import SimNode
 
+from . import cdi_checker
 from .test_dra_e2e import claim
 
 DRIVER = "npu.streamcomputing.com"
@@ -51,8 +54,66 @@ def test_our_devices_only_with_their_cdi_ids(inventory: Inventory) -> None:
         "u",
         "default",
         "c",
-        (PreparedDevice("npus", "node-a", "stc1", ("streamcomputing.com/npu=stc1",)),),
+        (
+            PreparedDevice(
+                "npus",
+                "node-a",
+                "stc1",
+                ("streamcomputing.com/npu=stc1", "streamcomputing.com/npu=claim-u-npus"),
+            ),
+        ),
+        (("npus", ("STC_NPU_DEVICES=stc1",)),),
     )
+
+
+@pytest.mark.parametrize(
+    ("stc_set_devices", "env"),
+    [
+        ("none", ["STC_NPU_DEVICES=stc0,stc1"]),
+        ("global", ["STC_NPU_DEVICES=stc0,stc1", "STC_SET_DEVICES=0,1,2,3,4,5,6,7"]),
+        ("local", ["STC_NPU_DEVICES=stc0,stc1", "STC_SET_DEVICES=0,1,2,3,4,5,6,7"]),
+    ],
+)
+def test_each_request_gets_the_env_that_lists_its_npus(
+    inventory: Inventory, stc_set_devices: StcSetDevices, env: list[str]
+) -> None:
+    document = claim("c", "u", ["stc1", "stc0"])
+    results = document["status"]["allocation"]["devices"]["results"]
+    results.append({"request": "solo/a", "driver": DRIVER, "pool": "node-a", "device": "stc1"})
+    prepared = prepare_claim(
+        document,
+        uid="u",
+        driver=DRIVER,
+        pool="node-a",
+        kind=KIND,
+        inventory=inventory,
+        stc_set_devices=stc_set_devices,
+    )
+    spec = claim_spec(KIND, prepared)
+    assert cdi_checker.problems(spec) == []
+    envs = {device["name"]: device["containerEdits"]["env"] for device in spec["devices"]}
+    solo = ["STC_NPU_DEVICES=stc1"]
+    if stc_set_devices != "none":
+        solo.append("STC_SET_DEVICES=" + ("4,5,6,7" if stc_set_devices == "global" else "0,1,2,3"))
+    # A subrequest's "solo/a" is "solo.a" in a CDI name.
+    assert envs == {"claim-u-npus": env, "claim-u-solo.a": solo}
+    # Each device carries its NPU's ID and its own request's env ID.
+    assert [d.cdi_device_ids[1] for d in prepared.devices] == [
+        f"{KIND}=claim-u-npus",
+        f"{KIND}=claim-u-npus",
+        f"{KIND}=claim-u-solo.a",
+    ]
+    assert parse_checkpoint(checkpoint_document({"u": prepared})) == {"u": prepared}
+
+
+def test_a_checkpoint_of_an_older_agent_has_no_request_env() -> None:
+    older = (
+        b'{"version": 1, "claims": {"u": {"namespace": "n", "name": "c", "devices": '
+        b'[{"request": "r", "pool": "p", "device": "stc0", "cdiDeviceIds": ["k=stc0"]}]}}}'
+    )
+    (claim_read,) = parse_checkpoint(older).values()
+    assert claim_read.request_env == ()
+    assert claim_spec(KIND, claim_read)["devices"] == []
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,8 @@ from stc_npu_agent.testing.dra import DraKubeletEmulator
 from stc_npu_agent.testing.pluginwatcher import get_info
 from stc_npu_agent.testing.simnode import SimNode
 
+from . import cdi_checker
+
 DRIVER = "npu.streamcomputing.com"
 NODE = "node-a"
 
@@ -105,9 +107,20 @@ def run_agent(agent: Agent, scenario: Scenario) -> None:
 
 
 def cdi_names(spec_dir: Path) -> set[str]:
-    (spec,) = spec_dir.glob("*.json")
-    document = json.loads(spec.read_text())
-    return {f"{document['kind']}={device['name']}" for device in document["devices"]}
+    """Every CDI device the specs in ``spec_dir`` define (the node's spec and
+    the claims' own), each spec checked against the CDI spec's rules."""
+    names = set()
+    for spec in spec_dir.glob("*.json"):
+        document = json.loads(spec.read_text())
+        assert cdi_checker.problems(document) == [], spec.name
+        names |= {f"{document['kind']}={device['name']}" for device in document["devices"]}
+    return names
+
+
+def claim_env(spec_dir: Path, uid: str) -> dict[str, list[str]]:
+    """Device name -> env of the claim ``uid``'s own spec."""
+    document = json.loads((spec_dir / f"streamcomputing.com-npu_claim-{uid}.json").read_text())
+    return {device["name"]: device["containerEdits"]["env"] for device in document["devices"]}
 
 
 def test_registers_as_a_dra_plugin_and_reports_health(host: Path, node: SimNode) -> None:
@@ -162,7 +175,15 @@ def test_prepare_answers_cdi_ids_of_the_agents_spec_and_is_idempotent(
             result = answer.claims["uid-1"]
             assert result.error == ""
             ids = [list(d.cdi_device_ids) for d in result.devices]
-            assert ids == [["streamcomputing.com/npu=stc1"], ["streamcomputing.com/npu=stc3"]]
+            # Each NPU's own ID, and the ID of its request's env (its list of NPUs).
+            env_id = "streamcomputing.com/npu=claim-uid-1-npus"
+            assert ids == [
+                ["streamcomputing.com/npu=stc1", env_id],
+                ["streamcomputing.com/npu=stc3", env_id],
+            ]
+            assert claim_env(host / "cdi", "uid-1") == {
+                "claim-uid-1-npus": ["STC_NPU_DEVICES=stc1,stc3"]
+            }
             assert [(d.pool_name, d.device_name) for d in result.devices] == [
                 (NODE, "stc1"),
                 (NODE, "stc3"),
@@ -423,3 +444,41 @@ def test_a_clean_stop_keeps_the_cdi_spec_while_claims_are_prepared(
         assert "streamcomputing.com/npu=stc1" in cdi_names(spec_dir)
         run_agent(dra_agent(host, node, claims), unprepare)
     assert list(spec_dir.glob("*.json")) == []
+
+
+def test_a_claims_env_spec_follows_the_checkpoint_across_restarts(
+    host: Path, node: SimNode
+) -> None:
+    """The claim's own spec (the env listing its NPUs) is written with the
+    claim, again at start when /var/run lost it (a reboot: the kubelet does
+    not prepare again what it prepared before), removed with the claim; one
+    whose claim is not in the checkpoint is removed at start."""
+    claims = FakeClaimSource()
+    claims.put(claim("train", "uid-1", ["stc3", "stc1"]))
+    kubelet = DraKubeletEmulator(host / "plugins_registry")
+    spec_dir = host / "cdi"
+    own = spec_dir / "streamcomputing.com-npu_claim-uid-1.json"
+    ghost = spec_dir / "streamcomputing.com-npu_claim-ghost.json"
+    first: list[int] = []
+
+    async def prepare(agent: Agent) -> None:
+        registration = await asyncio.to_thread(kubelet.wait_registered, DRIVER)
+        first.append(registration.index)
+        answer = await asyncio.to_thread(kubelet.prepare, DRIVER, [("default", "train", "uid-1")])
+        assert not answer.claims["uid-1"].error
+        assert claim_env(spec_dir, "uid-1") == {"claim-uid-1-npus": ["STC_NPU_DEVICES=stc1,stc3"]}
+
+    async def after_reboot(agent: Agent) -> None:
+        await asyncio.to_thread(kubelet.wait_registered, DRIVER, after=first[0] + 1)
+        # Written at start, before any call of the kubelet.
+        assert claim_env(spec_dir, "uid-1") == {"claim-uid-1-npus": ["STC_NPU_DEVICES=stc1,stc3"]}
+        assert not ghost.exists()
+        undone = await asyncio.to_thread(kubelet.unprepare, DRIVER, [("default", "train", "uid-1")])
+        assert not undone.claims["uid-1"].error
+        assert not own.exists()
+
+    with kubelet:
+        run_agent(dra_agent(host, node, claims), prepare)
+        ghost.write_bytes(own.read_bytes())
+        own.unlink()
+        run_agent(dra_agent(host, node, claims), after_reboot)

@@ -118,8 +118,8 @@ def test_dra_mode_publishes_prepares_taints_and_survives_a_restart(
         result = answer.claims["uid-1"]
         assert result.error == ""
         assert [list(d.cdi_device_ids) for d in result.devices] == [
-            ["streamcomputing.com/npu=stc1"],
-            ["streamcomputing.com/npu=stc3"],
+            ["streamcomputing.com/npu=stc1", "streamcomputing.com/npu=claim-uid-1-npus"],
+            ["streamcomputing.com/npu=stc3", "streamcomputing.com/npu=claim-uid-1-npus"],
         ]
 
         # Unplug: the NPU stays in the slice, tainted NoSchedule with the reason.

@@ -8,6 +8,13 @@ and the device health stream, translating between protobuf and the core.
   only then answered; while the CDI spec that resolves the answers is
   missing, every claim fails with that reason. Per-claim failures go into the claim's ``error``; one
   claim's failure never fails the others.
+- Each prepared claim has a CDI spec file of its own beside the node's
+  (``core/dra.py``'s ``claim_spec``: the env that lists each request's
+  NPUs), written before the checkpoint, removed after the claim is
+  forgotten, and written again at start for every checkpointed claim
+  (``/var/run`` is emptied on reboot, and a kubelet that prepared a claim
+  before does not ask again); one whose claim is not in the checkpoint is
+  removed at start.
 - NodeUnprepareResources: forgets the claim (an unknown claim is done
   already: success).
 - The checkpoint (``<dra.stateDir>/checkpoint.json``) is written atomically
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,11 +41,14 @@ from typing import Any
 import grpc
 
 from stc_npu_agent.claims import ClaimFetchError, ClaimSource
+from stc_npu_agent.core.config import StcSetDevices
 from stc_npu_agent.core.devices import Inventory
 from stc_npu_agent.core.dra import (
     ClaimError,
     PreparedClaim,
     checkpoint_document,
+    claim_spec,
+    claim_spec_file_name,
     parse_checkpoint,
     prepare_claim,
 )
@@ -53,6 +64,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.json"
 CHECKPOINT_MODE = 0o600
+CLAIM_SPEC_MODE = 0o644  # the runtime reads it; nothing in it is secret
 # The service versions the kubelet may pick from (GetInfo.supported_versions):
 # v1 first, the newest; the kubelet uses the newest it knows.
 DRA_SERVICES = ("v1.DRAPlugin", "v1beta1.DRAPlugin")
@@ -118,6 +130,10 @@ def _devices_pb(claim: PreparedClaim) -> list[dra_pb2.Device]:
     ]
 
 
+class ClaimWriteError(Exception):
+    """A file of a claim could not be written; one line saying which and why."""
+
+
 class DraPluginService(dra_grpc.DRAPluginServicer):
     def __init__(
         self,
@@ -129,8 +145,10 @@ class DraPluginService(dra_grpc.DRAPluginServicer):
         pool: str,
         kind: str,
         cdi_spec: Path,
+        stc_set_devices: StcSetDevices = "none",
     ) -> None:
         self.state = state
+        self.stc_set_devices = stc_set_devices
         # The spec that resolves the answers' CDI IDs (the CDI spec sink writes it).
         self.cdi_spec = cdi_spec
         self.claims = claims
@@ -153,45 +171,60 @@ class DraPluginService(dra_grpc.DRAPluginServicer):
         return dra_pb2.NodePrepareResourcesResponse(claims=answers)
 
     async def _prepare(self, claim: dra_pb2.Claim) -> dra_pb2.NodePrepareResourceResponse:
+        where = f"{claim.namespace}/{claim.name} ({claim.uid})"
+        try:
+            prepared = await self._prepared(claim)
+        except ClaimError as error:
+            log.warning("NodePrepareResources %s refused: %s", where, error)
+            return dra_pb2.NodePrepareResourceResponse(error=str(error))
+        except ClaimWriteError as error:
+            log.warning("NodePrepareResources %s failed: %s", where, error)
+            return dra_pb2.NodePrepareResourceResponse(error=str(error))
+        return dra_pb2.NodePrepareResourceResponse(devices=_devices_pb(prepared))
+
+    async def _prepared(self, claim: dra_pb2.Claim) -> PreparedClaim:
+        """The claim prepared (from the checkpoint, or now), or ClaimError /
+        ClaimWriteError saying why not."""
         if not self.cdi_spec.is_file():
             # The runtime could not resolve the IDs: the pod would fail later
             # with a vaguer error. The kubelet asks again.
-            message = (
+            raise ClaimError(
                 f"the CDI spec {self.cdi_spec} is missing (see the agent's log for why): "
                 "its devices cannot be resolved"
             )
-            log.warning(
-                "NodePrepareResources %s/%s refused: %s", claim.namespace, claim.name, message
-            )
-            return dra_pb2.NodePrepareResourceResponse(error=message)
         known = self.prepared.claims.get(claim.uid)
         if known is not None:
-            return dra_pb2.NodePrepareResourceResponse(devices=_devices_pb(known))
-        where = f"{claim.namespace}/{claim.name} ({claim.uid})"
+            self._write_claim_spec(known, only_if_missing=True)
+            return known
         try:
             document = await self.claims.get_claim(claim.namespace, claim.name)
-            prepared = prepare_claim(
-                document,
-                uid=claim.uid,
-                driver=self.driver,
-                pool=self.pool,
-                kind=self.kind,
-                inventory=self.state.inventory,
-            )
-            self.prepared.save({**self.prepared.claims, claim.uid: prepared})
-        except (ClaimFetchError, ClaimError) as error:
-            log.warning("NodePrepareResources %s refused: %s", where, error)
-            return dra_pb2.NodePrepareResourceResponse(error=str(error))
-        except OSError as error:
-            message = f"cannot write the checkpoint {self.prepared.path}: {error.strerror}"
-            log.warning("NodePrepareResources %s failed: %s", where, message)
-            return dra_pb2.NodePrepareResourceResponse(error=message)
-        log.info(
-            "prepared claim %s: %s",
-            where,
-            ",".join(i for d in prepared.devices for i in d.cdi_device_ids),
+        except ClaimFetchError as error:
+            raise ClaimError(str(error)) from error
+        prepared = prepare_claim(
+            document,
+            uid=claim.uid,
+            driver=self.driver,
+            pool=self.pool,
+            kind=self.kind,
+            inventory=self.state.inventory,
+            stc_set_devices=self.stc_set_devices,
         )
-        return dra_pb2.NodePrepareResourceResponse(devices=_devices_pb(prepared))
+        self._write_claim_spec(prepared)
+        try:
+            self.prepared.save({**self.prepared.claims, claim.uid: prepared})
+        except OSError as error:
+            self._remove_claim_spec(claim.uid)
+            raise ClaimWriteError(
+                f"cannot write the checkpoint {self.prepared.path}: {error.strerror}"
+            ) from error
+        log.info(
+            "prepared claim %s/%s (%s): %s",
+            claim.namespace,
+            claim.name,
+            claim.uid,
+            ",".join(dict.fromkeys(i for d in prepared.devices for i in d.cdi_device_ids)),
+        )
+        return prepared
 
     async def NodeUnprepareResources(
         self,
@@ -214,8 +247,49 @@ class DraPluginService(dra_grpc.DRAPluginServicer):
             message = f"cannot write the checkpoint {self.prepared.path}: {error.strerror}"
             log.warning("NodeUnprepareResources %s failed: %s", claim.uid, message)
             return dra_pb2.NodeUnprepareResourceResponse(error=message)
+        self._remove_claim_spec(claim.uid)
         log.info("unprepared claim %s/%s (%s)", claim.namespace, claim.name, claim.uid)
         return dra_pb2.NodeUnprepareResourceResponse()
+
+    # --- the claims' own CDI specs ---
+
+    def _claim_spec_path(self, uid: str) -> Path:
+        return self.cdi_spec.parent / claim_spec_file_name(self.kind, uid)
+
+    def _write_claim_spec(self, claim: PreparedClaim, *, only_if_missing: bool = False) -> None:
+        if not claim.request_env:  # prepared by an agent that wrote none
+            return
+        path = self._claim_spec_path(claim.uid)
+        if only_if_missing and path.is_file():
+            return
+        content = json.dumps(claim_spec(self.kind, claim), indent=2) + "\n"
+        try:
+            atomic_write(path, content.encode(), CLAIM_SPEC_MODE)
+        except OSError as error:
+            raise ClaimWriteError(
+                f"cannot write the claim's CDI spec {path}: {error.strerror}"
+            ) from error
+
+    def _remove_claim_spec(self, uid: str) -> None:
+        path = self._claim_spec_path(uid)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("cannot remove the claim's CDI spec %s: %s", path, error.strerror)
+
+    def sync_claim_specs(self) -> None:
+        """At start: a spec for every checkpointed claim, none for others."""
+        for claim in self.prepared.claims.values():
+            try:
+                self._write_claim_spec(claim, only_if_missing=True)
+            except ClaimWriteError as error:
+                log.warning("claim %s/%s: %s", claim.namespace, claim.name, error)
+        prefix = claim_spec_file_name(self.kind, "")
+        with contextlib.suppress(OSError):
+            for path in self.cdi_spec.parent.glob(prefix.removesuffix(".json") + "*.json"):
+                uid = path.name.removeprefix(prefix.removesuffix(".json")).removesuffix(".json")
+                if uid not in self.prepared.claims:
+                    self._remove_claim_spec(uid)
 
 
 def health_response(inventory: Inventory, pool: str) -> health_pb2.NodeWatchResourcesResponse:

@@ -101,7 +101,9 @@ class DraServices:
             pool=node_name,
             kind=config.resource_name,
             cdi_spec=Path(config.cdi.spec_dir) / spec_file_name(config.resource_name),
+            stc_set_devices=config.stc_set_devices,
         )
+        self.plugin.sync_claim_specs()
 
     def add_to(self, server: grpc.aio.Server, streams: StreamTracker) -> None:
         from stc_npu_agent import draplugin  # noqa: PLC0415

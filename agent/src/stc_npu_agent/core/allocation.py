@@ -152,6 +152,15 @@ def cluster_ids(npus: Sequence[Npu], mode: StcSetDevices) -> list[int]:
     return []
 
 
+def npu_list_env(npus: Sequence[Npu], stc_set_devices: StcSetDevices) -> list[tuple[str, str]]:
+    """The env that lists a container's NPUs (in the order given), see above."""
+    envs = [(DEVICES_ENV, ",".join(npu.id for npu in npus))]
+    if stc_set_devices != "none":
+        clusters = cluster_ids(npus, stc_set_devices)
+        envs.append((SET_DEVICES_ENV, ",".join(str(cluster) for cluster in clusters)))
+    return envs
+
+
 def show_ids(ids: Sequence[str]) -> str:
     """IDs for an error message: quoted (NULs and slashes stay visible), capped."""
     shown = ", ".join(repr(device_id)[:72] for device_id in ids[:_SHOWN_IDS])
@@ -214,10 +223,7 @@ def plan_allocation(
     resolved = _resolve(inventory, ids, "device IDs", sharing.replicas)
     npus = sorted({npu.id: npu for npu in resolved}.values(), key=lambda npu: (npu.index, npu.id))
     npu_ids = tuple(npu.id for npu in npus)
-    envs = [(DEVICES_ENV, ",".join(npu.id for npu in npus))]
-    if delivery.stc_set_devices != "none":
-        clusters = cluster_ids(npus, delivery.stc_set_devices)
-        envs.append((SET_DEVICES_ENV, ",".join(str(cluster) for cluster in clusters)))
+    envs = npu_list_env(npus, delivery.stc_set_devices)
     if not delivery.device_specs:
         # cdi-cri alone: nodes, HPE mount and HPE env come from the CDI spec.
         return ContainerAllocation((), (), tuple(envs), _cdi_names(npus, delivery), npu_ids)

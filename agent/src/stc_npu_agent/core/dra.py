@@ -12,6 +12,15 @@ the node name) and naming an NPU the node has now, with device nodes: the
 answer is the NPU's CDI device ID in the spec the agent writes
 (``<resourceName>=<id>``, e.g. ``streamcomputing.com/npu=stc0``), so the
 runtime resolves it exactly as it does for the device plugin's cdi-cri.
+
+What device-plugin mode puts in Allocate's env, the container's list of
+NPUs (``STC_NPU_DEVICES``, and ``STC_SET_DEVICES`` with ``stcSetDevices``),
+comes in a claim spec of its own (``claim_spec``, one file per claim): one
+CDI device per request of the claim, holding only that env for the request's
+NPUs, whose ID each of the request's devices carries besides its NPU's. A
+container given a request gets exactly its NPUs' list. (A container given
+several requests or claims of ours gets the list of one of them: runtimes
+apply each device's env in turn and the last value wins.)
 """
 
 from __future__ import annotations
@@ -21,8 +30,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from stc_npu_agent.core.cdi import cdi_device_name_problem
-from stc_npu_agent.core.devices import Inventory
+from stc_npu_agent.core.allocation import npu_list_env, spec_file_name
+from stc_npu_agent.core.cdi import cdi_device_name_problem, required_version
+from stc_npu_agent.core.config import StcSetDevices
+from stc_npu_agent.core.devices import Inventory, Npu
 
 CHECKPOINT_VERSION = 1
 
@@ -45,6 +56,41 @@ class PreparedClaim:
     namespace: str
     name: str
     devices: tuple[PreparedDevice, ...]
+    # Per request: the env ("NAME=value") of its CDI device in the claim spec.
+    request_env: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+def request_device_name(uid: str, request: str) -> str:
+    """The claim spec's CDI device of one request (a subrequest's "a/b"
+    becomes "a.b": CDI names have no slash)."""
+    return f"claim-{uid}-{request.replace('/', '.')}"
+
+
+def claim_spec_file_name(kind: str, uid: str) -> str:
+    """streamcomputing.com-npu_claim-<uid>.json, beside the node's spec."""
+    return spec_file_name(kind).removesuffix(".json") + f"_claim-{uid}.json"
+
+
+def claim_spec(kind: str, claim: PreparedClaim) -> dict[str, Any]:
+    """The CDI spec of one claim's env (see the module's docstring)."""
+    devices: list[dict[str, Any]] = [
+        {
+            "name": request_device_name(claim.uid, request),
+            "containerEdits": {"env": list(env)},
+        }
+        for request, env in claim.request_env
+    ]
+    return {
+        "cdiVersion": required_version(kind, [device["name"] for device in devices]),
+        "kind": kind,
+        "devices": devices,
+    }
+
+
+def request_env(npus: list[Npu], stc_set_devices: StcSetDevices) -> tuple[str, ...]:
+    """What Allocate's env says of a container's NPUs, for one request's."""
+    ordered = sorted(npus, key=lambda npu: (npu.index, npu.id))
+    return tuple(f"{name}={value}" for name, value in npu_list_env(ordered, stc_set_devices))
 
 
 def cdi_device_id(kind: str, npu_id: str) -> str:
@@ -68,6 +114,7 @@ def prepare_claim(
     pool: str,
     kind: str,
     inventory: Inventory,
+    stc_set_devices: StcSetDevices = "none",
 ) -> PreparedClaim:
     """Our devices of ``claim`` and their CDI IDs, or ClaimError saying why not."""
     namespace = str(_field(claim, "metadata", "namespace") or "")
@@ -85,7 +132,7 @@ def prepare_claim(
     ours = [r for r in results if isinstance(r, Mapping) and r.get("driver") == driver]
     if not ours:
         raise ClaimError(f"{where}: no device of driver {driver} in its allocation")
-    devices = []
+    found: list[tuple[str, Npu]] = []
     for result in ours:
         request, result_pool, device = (
             str(result.get(key) or "") for key in ("request", "pool", "device")
@@ -100,11 +147,30 @@ def prepare_claim(
             raise ClaimError(f"{where}: device {device!r} is not an NPU of this node")
         if not npu.present_nodes:
             raise ClaimError(f"{where}: {device} has no device nodes now ({npu.reason})")
-        problem = cdi_device_name_problem(device)
+        problem = cdi_device_name_problem(device) or cdi_device_name_problem(
+            request_device_name(uid, request)
+        )
         if problem:
             raise ClaimError(f"{where}: {problem}")
-        devices.append(PreparedDevice(request, pool, device, (cdi_device_id(kind, device),)))
-    return PreparedClaim(uid, namespace, name, tuple(devices))
+        found.append((request, npu))
+    requests = sorted({request for request, _ in found})
+    devices = tuple(
+        PreparedDevice(
+            request,
+            pool,
+            npu.id,
+            (
+                cdi_device_id(kind, npu.id),
+                cdi_device_id(kind, request_device_name(uid, request)),
+            ),
+        )
+        for request, npu in found
+    )
+    envs = tuple(
+        (request, request_env([npu for r, npu in found if r == request], stc_set_devices))
+        for request in requests
+    )
+    return PreparedClaim(uid, namespace, name, devices, envs)
 
 
 def checkpoint_document(claims: Mapping[str, PreparedClaim]) -> bytes:
@@ -123,6 +189,7 @@ def checkpoint_document(claims: Mapping[str, PreparedClaim]) -> bytes:
                     }
                     for device in claim.devices
                 ],
+                "requestEnv": {request: list(env) for request, env in claim.request_env},
             }
             for uid, claim in sorted(claims.items())
         },
@@ -153,9 +220,14 @@ def parse_checkpoint(content: bytes) -> dict[str, PreparedClaim]:
                 )
                 for d in raw["devices"]
             )
-            claims[str(uid)] = PreparedClaim(
-                str(uid), str(raw["namespace"]), str(raw["name"]), devices
+            # A checkpoint of an older agent has no requestEnv: no claim spec.
+            envs = tuple(
+                (str(request), tuple(str(line) for line in env))
+                for request, env in raw.get("requestEnv", {}).items()
             )
-    except (KeyError, TypeError) as error:
+            claims[str(uid)] = PreparedClaim(
+                str(uid), str(raw["namespace"]), str(raw["name"]), devices, envs
+            )
+    except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"claims: malformed entry ({error!r})") from None
     return claims
