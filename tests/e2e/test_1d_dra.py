@@ -284,8 +284,12 @@ def wait_exec(e2e: E2E, pod_name: str, container: str) -> None:
 
 def check_container_view(e2e: E2E, pod_name: str, container: str, npu_ids: list[str]) -> None:
     """The container sees exactly ``npu_ids``' nodes of /dev/stc*, the HPE
-    read-only (the CDI spec's mount, hpe.mode mapped), and its devices cgroup
-    lets exactly those nodes through."""
+    read-only (the CDI spec's mount, hpe.mode mapped), STC_NPU_DEVICES naming
+    them (the claim's own spec), and its devices cgroup lets exactly those
+    nodes through."""
+    listed = container_exec(e2e, pod_name, container, 'echo "$STC_NPU_DEVICES"').strip()
+    in_order = ",".join(sorted(npu_ids, key=lambda npu: int(npu.removeprefix("stc"))))
+    assert listed == in_order, f"{pod_name}/{container}: STC_NPU_DEVICES={listed!r}"
     seen = set(container_exec(e2e, pod_name, container, "ls /dev").split())
     stc_nodes = {name for name in seen if name.startswith("stc")}
     expected_nodes = kit.npu_node_names(npu_ids)
