@@ -415,6 +415,15 @@ def test_no_cdi_ids_while_the_spec_that_resolves_them_is_missing(host: Path, nod
     run_agent(agent, scenario)
 
 
+async def prepare_train(kubelet: DraKubeletEmulator) -> int:
+    """Prepare claim default/train (uid-1) once the agent is registered;
+    the index of that registration."""
+    registration = await asyncio.to_thread(kubelet.wait_registered, DRIVER)
+    answer = await asyncio.to_thread(kubelet.prepare, DRIVER, [("default", "train", "uid-1")])
+    assert not answer.claims["uid-1"].error
+    return registration.index
+
+
 def test_a_clean_stop_keeps_the_cdi_spec_while_claims_are_prepared(
     host: Path, node: SimNode
 ) -> None:
@@ -429,10 +438,7 @@ def test_a_clean_stop_keeps_the_cdi_spec_while_claims_are_prepared(
     first: list[int] = []
 
     async def prepare(agent: Agent) -> None:
-        registration = await asyncio.to_thread(kubelet.wait_registered, DRIVER)
-        first.append(registration.index)
-        answer = await asyncio.to_thread(kubelet.prepare, DRIVER, [("default", "train", "uid-1")])
-        assert not answer.claims["uid-1"].error
+        first.append(await prepare_train(kubelet))
 
     async def unprepare(agent: Agent) -> None:
         await asyncio.to_thread(kubelet.wait_registered, DRIVER, after=first[0] + 1)
@@ -462,10 +468,7 @@ def test_a_claims_env_spec_follows_the_checkpoint_across_restarts(
     first: list[int] = []
 
     async def prepare(agent: Agent) -> None:
-        registration = await asyncio.to_thread(kubelet.wait_registered, DRIVER)
-        first.append(registration.index)
-        answer = await asyncio.to_thread(kubelet.prepare, DRIVER, [("default", "train", "uid-1")])
-        assert not answer.claims["uid-1"].error
+        first.append(await prepare_train(kubelet))
         assert claim_env(spec_dir, "uid-1") == {"claim-uid-1-npus": ["STC_NPU_DEVICES=stc1,stc3"]}
 
     async def after_reboot(agent: Agent) -> None:

@@ -90,6 +90,19 @@ def allowed_npu_minors(devices_list: str) -> set[int]:
     return minors
 
 
+def container_devices_minors(proc_self_cgroup: str) -> set[int]:
+    """Minors of DEVICE_MAJOR that a container's devices cgroup lets
+    through, from the container's own /proc/self/cgroup (cgroup v1, no
+    cgroup namespace: it names the host path)."""
+    path = next(
+        line.split(":", 2)[2]
+        for line in proc_self_cgroup.splitlines()
+        if "devices" in line.split(":", 2)[1].split(",")
+    )
+    devices_list = CGROUP_FS / "devices" / path.lstrip("/") / "devices.list"
+    return allowed_npu_minors(devices_list.read_text())
+
+
 def pod_processes(marker: str) -> list[int]:
     """Host pids of processes in the node's pod cgroups whose command line
     holds ``marker``."""

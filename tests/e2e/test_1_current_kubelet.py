@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from ci.e2e import transcript
-from ci.e2e.cluster import CGROUP_FS, DEVICE_MAJOR, PLUGIN_DIR, E2EError, wait_for
+from ci.e2e.cluster import DEVICE_MAJOR, PLUGIN_DIR, E2EError, wait_for
 from ci.e2e.npus import HPE_DIR, HPE_MARKER
 
 from stc_npu_agent.agent import SOCKET_PREFIX
@@ -202,14 +202,8 @@ def check_pod_view(e2e: E2E, namespace: str, pod: str, npus: int, hpe_mounted: b
     # The host's view: the container's devices cgroup (cgroup v1, no cgroup
     # namespace, so the pod's /proc/self/cgroup names the host path).
     own = pod_exec(e2e, namespace, pod, "cat /proc/self/cgroup")
-    path = next(
-        line.split(":", 2)[2]
-        for line in own.splitlines()
-        if "devices" in line.split(":", 2)[1].split(",")
-    )
-    devices_list = (CGROUP_FS / "devices" / path.lstrip("/") / "devices.list").read_text()
     expected = {e2e.npus.sim.devnum(n)[1] for n in kit.npu_node_names(npu_ids)}
-    allowed = kit.allowed_npu_minors(devices_list)
+    allowed = kit.container_devices_minors(own)
     assert allowed == expected, (
         f"{pod}: the devices cgroup allows minors {sorted(allowed)} of major "
         f"{DEVICE_MAJOR}, expected {sorted(expected)}"

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from ci.e2e import transcript
-from ci.e2e.cluster import CDI_SPEC_DIR, CGROUP_FS, NODE_NAME, wait_for
+from ci.e2e.cluster import CDI_SPEC_DIR, NODE_NAME, wait_for
 from ci.e2e.npus import DRIVER_VERSION, HPE_DIR
 
 from stc_npu_agent.agent import SOCKET_PREFIX
@@ -301,14 +301,8 @@ def check_container_view(e2e: E2E, pod_name: str, container: str, npu_ids: list[
     assert len(hpe_mounts) == 1, f"{pod_name}/{container}: mounts at {HPE_DIR}: {hpe_mounts}"
     assert "ro" in hpe_mounts[0][5].split(","), f"{pod_name}: HPE not read-only: {hpe_mounts}"
     own = container_exec(e2e, pod_name, container, "cat /proc/self/cgroup")
-    path = next(
-        line.split(":", 2)[2]
-        for line in own.splitlines()
-        if "devices" in line.split(":", 2)[1].split(",")
-    )
-    devices_list = (CGROUP_FS / "devices" / path.lstrip("/") / "devices.list").read_text()
     expected = {e2e.npus.sim.devnum(n)[1] for n in expected_nodes}
-    allowed = kit.allowed_npu_minors(devices_list)
+    allowed = kit.container_devices_minors(own)
     assert allowed == expected, (
         f"{pod_name}/{container}: the devices cgroup allows minors {sorted(allowed)}, "
         f"expected {sorted(expected)}"
