@@ -29,6 +29,7 @@ from ci.e2e.npus import DRIVER_VERSION, HPE_DIR
 from stc_npu_agent.agent import SOCKET_PREFIX
 from stc_npu_agent.core.allocation import qualified_name, spec_file_name
 from stc_npu_agent.core.config import DRA_DRIVER_NAME
+from stc_npu_agent.core.dra import claim_spec_file_name
 from stc_npu_agent.core.slices import PCIE_ROOT_ATTRIBUTE, UNHEALTHY_TAINT_KEY
 from tests.e2e import kit
 from tests.e2e.conftest import CHART, E2E, NPU_COUNT, RELEASE, RESOURCE
@@ -325,8 +326,16 @@ def check_prepared(e2e: E2E, claim_name: str, npu_ids: list[str]) -> None:
     # draplugin.py: "prepared claim NS/NAME (UID): CDI IDS"
     line = agent_line(e2e, f"prepared claim {RESTRICTED_NS}/{claim_name} ")
     transcript.say(f"  agent: {line.strip()}")
-    names = ",".join(qualified_name(RESOURCE, npu) for npu in sorted(npu_ids))
-    assert line.rstrip().endswith(names), f"expected the CDI IDs {names}: {line}"
+    # Each NPU's ID, and the ID of its request's env in the claim's own spec.
+    uid = line.split(f"{claim_name} (", 1)[1].split(")", 1)[0]
+    ids = set(line.rstrip().rsplit(": ", 1)[1].split(","))
+    env_prefix = qualified_name(RESOURCE, f"claim-{uid}-")
+    env_ids = {i for i in ids if i.startswith(env_prefix)}
+    names = {qualified_name(RESOURCE, npu) for npu in npu_ids}
+    assert ids - env_ids == names, f"expected the CDI IDs {sorted(names)}: {line}"
+    assert env_ids, f"no env ID {env_prefix}<request>: {line}"
+    claim_spec = CDI_SPEC_DIR / claim_spec_file_name(RESOURCE, uid)
+    assert claim_spec.is_file(), f"{claim_spec} is missing"
 
 
 def delete_pods(e2e: E2E, *names: str) -> None:
@@ -648,6 +657,8 @@ def test_dra_uninstall_removes_slice_socket_and_spec(e2e: E2E) -> None:
             timeout=60,
         )
         wait_for(lambda: not SPEC_FILE.exists(), f"{SPEC_FILE} removed", timeout=60)
+        claim_specs = sorted(p.name for p in CDI_SPEC_DIR.glob(claim_spec_file_name(RESOURCE, "*")))
+        assert claim_specs == [], f"claims' own CDI specs left: {claim_specs}"
     with transcript.step("the agent's stop left the slice; the kubelet deletes it"):
         # The agent leaves the slice on stop (a restart must not empty the
         # node); the kubelet wipes a driver's slices 30 s after its plugin
