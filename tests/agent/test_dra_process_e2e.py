@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,19 @@ def api() -> Iterator[FakeApiServer]:
         yield server
 
 
+def slice_status(port: int) -> dict[str, Any]:
+    """The resourceSlice block of the agent's /status."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as answer:
+        block: dict[str, Any] = json.loads(answer.read())["resourceSlice"]
+    return block
+
+
 def test_dra_mode_publishes_prepares_taints_and_survives_a_restart(
-    kubelet_dir: Path, node: SimNode, start_agent: AgentFactory, api: FakeApiServer
+    kubelet_dir: Path,
+    node: SimNode,
+    start_agent: AgentFactory,
+    api: FakeApiServer,
+    unused_tcp_port: int,
 ) -> None:
     host = kubelet_dir.parent
     node_uid = api.add_node(NODE)
@@ -82,12 +94,18 @@ def test_dra_mode_publishes_prepares_taints_and_survives_a_restart(
         "cdi": {"specDir": str(host / "cdi")},
     }
     args = ["--kube-api-server", api.url, "--node-name", NODE]
+    probes = ["--probe-address", f"127.0.0.1:{unused_tcp_port}"]
     with DraKubeletEmulator(host / "plugins_registry") as kubelet:
-        agent = start_agent(config, extra_args=args)
+        agent = start_agent(config, extra_args=[*args, *probes])
         first = kubelet.wait_registered(DRIVER, timeout=60)
 
         # The node's slice: one device per NPU, with its attributes, owned by the Node.
         wait_for(lambda: len(devices(api)) == len(NUMA_OF), "the slice's 4 devices", agent)
+        # /status tells the slice is published (Ready says only "registered").
+        agent.wait_log("probes on http://127.0.0.1")
+        wait_for(lambda: slice_status(unused_tcp_port)["inSync"], "/status: slice in sync", agent)
+        assert slice_status(unused_tcp_port)["name"] == SLICE
+        assert slice_status(unused_tcp_port)["problem"] is None
         with api.lock:
             stored = json.loads(json.dumps(api.slices[SLICE]))
         assert stored["spec"]["driver"] == DRIVER

@@ -272,6 +272,26 @@ async def test_api_errors_are_retried_and_warned_once(
 
 
 @sync
+async def test_status_says_whether_the_slice_is_published_and_why_not(
+    server: FakeApiServer, make: Callable[..., Harness], tmp_path: Path
+) -> None:
+    node = SimNode(tmp_path)
+    node.add_npu(0)
+    server.fail_next = [500] * 6  # retried with backoff: the problem stays a while
+    harness = make(min_interval=0.05)
+    publisher = harness.publisher
+    assert publisher.status() == {"name": SLICE, "inSync": False, "writes": 0, "problem": None}
+    publisher.update(scan(node))
+    await until(lambda: publisher.status()["problem"] is not None, "a problem reported")
+    status = publisher.status()
+    assert status["inSync"] is False
+    assert "500" in str(status["problem"])
+    await until(lambda: publisher.status()["inSync"] is True, "the slice published")
+    assert publisher.status() == {"name": SLICE, "inSync": True, "writes": 1, "problem": None}
+    await harness.close()
+
+
+@sync
 async def test_a_node_read_that_fails_for_a_while_still_gives_the_owner_reference(
     server: FakeApiServer, make: Callable[..., Harness], tmp_path: Path
 ) -> None:

@@ -266,6 +266,8 @@ class Agent:
             "vendorProbe": self.state.probe_document(),
             "resourceName": self.config.advertised_resource,
             "replicas": self.config.sharing.replicas,
+            # mode dra: the node's ResourceSlice (None in device-plugin mode)
+            "resourceSlice": self.slices.status() if self.slices is not None else None,
             "npus": [
                 {
                     "id": npu.id,

@@ -108,6 +108,17 @@ class SlicePublisher:
         # Set whenever the server's slice matches the latest inventory.
         self.in_sync = asyncio.Event()
 
+    def status(self) -> dict[str, object]:
+        """For the agent's /status: is the slice as the inventory says, and
+        if not, the last reason (the agent is Ready once the kubelet
+        registered it, whatever the API server does)."""
+        return {
+            "name": self.slice_name,
+            "inSync": self.in_sync.is_set(),
+            "writes": self.writes,
+            "problem": self._problem or None,
+        }
+
     # The Sink protocol (called on the loop's thread).
     def update(self, inventory: Inventory) -> None:
         if self._inventory is not None and self._devices(inventory) == self._devices(
