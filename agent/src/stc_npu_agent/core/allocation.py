@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from stc_npu_agent.core.config import Config, HpeConfig, SharingConfig, StcSetDevices
-from stc_npu_agent.core.devices import Inventory, Npu
+from stc_npu_agent.core.devices import Inventory, Npu, in_index_order
 from stc_npu_agent.core.sharing import npu_id_of, replica_number, stale_id_hint
 
 # Lists the allocated NPU IDs inside the container, e.g. "stc0,stc2".
@@ -221,7 +221,7 @@ def plan_allocation(
             f"NPU, this one asks for {len(ids)}: {show_ids(ids)}",
         )
     resolved = _resolve(inventory, ids, "device IDs", sharing.replicas)
-    npus = sorted({npu.id: npu for npu in resolved}.values(), key=lambda npu: (npu.index, npu.id))
+    npus = in_index_order({npu.id: npu for npu in resolved}.values())
     npu_ids = tuple(npu.id for npu in npus)
     envs = npu_list_env(npus, delivery.stc_set_devices)
     if not delivery.device_specs:
@@ -351,7 +351,7 @@ def _numa_fill(in_set: Sequence[Npu], candidates: Sequence[Npu], need: int) -> l
     """``need`` of ``candidates`` (distinct NPUs) by the NUMA policy, given
     the NPUs already in the set (see ``preferred_allocation``)."""
     groups: dict[int | None, list[Npu]] = {}
-    for npu in sorted(candidates, key=lambda npu: (npu.index, npu.id)):
+    for npu in in_index_order(candidates):
         groups.setdefault(npu.numa_node, []).append(npu)
     result: list[Npu] = []
     # 1. The NUMA nodes of the NPUs in the set, in the order they came.

@@ -232,6 +232,12 @@ def _ordered_nodes(own: str, members: Iterable[str]) -> tuple[str, ...]:
     return (own, *sorted(set(members) - {own}, key=node_sort_key))
 
 
+def in_index_order(npus: Iterable[Npu]) -> list[Npu]:
+    """NPUs by index (stc2 before stc10): the order every list of NPUs the
+    agent hands out or writes is in."""
+    return sorted(npus, key=lambda npu: (npu.index, npu.id))
+
+
 @dataclass(frozen=True)
 class Inventory:
     """All NPUs known, keyed by ID. Immutable: updates return a new one."""
@@ -245,7 +251,7 @@ class Inventory:
         return self.npus.get(npu_id)
 
     def ordered(self) -> list[Npu]:
-        return sorted(self.npus.values(), key=lambda npu: (npu.index, npu.id))
+        return in_index_order(self.npus.values())
 
     def healthy_ids(self) -> set[str]:
         return {npu.id for npu in self.npus.values() if npu.healthy}

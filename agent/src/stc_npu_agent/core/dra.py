@@ -33,7 +33,7 @@ from typing import Any
 from stc_npu_agent.core.allocation import npu_list_env, spec_file_name
 from stc_npu_agent.core.cdi import cdi_device_name_problem, required_version
 from stc_npu_agent.core.config import StcSetDevices
-from stc_npu_agent.core.devices import Inventory, Npu
+from stc_npu_agent.core.devices import Inventory, Npu, in_index_order
 
 CHECKPOINT_VERSION = 1
 
@@ -89,7 +89,7 @@ def claim_spec(kind: str, claim: PreparedClaim) -> dict[str, Any]:
 
 def request_env(npus: list[Npu], stc_set_devices: StcSetDevices) -> tuple[str, ...]:
     """What Allocate's env says of a container's NPUs, for one request's."""
-    ordered = sorted(npus, key=lambda npu: (npu.index, npu.id))
+    ordered = in_index_order(npus)
     return tuple(f"{name}={value}" for name, value in npu_list_env(ordered, stc_set_devices))
 
 
