@@ -271,11 +271,7 @@ class DraPluginService(dra_grpc.DRAPluginServicer):
             ) from error
 
     def _remove_claim_spec(self, uid: str) -> None:
-        path = self._claim_spec_path(uid)
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as error:
-            log.warning("cannot remove the claim's CDI spec %s: %s", path, error.strerror)
+        _remove_spec(self._claim_spec_path(uid))
 
     def sync_claim_specs(self) -> None:
         """At start: a spec for every checkpointed claim, none for others."""
@@ -284,12 +280,18 @@ class DraPluginService(dra_grpc.DRAPluginServicer):
                 self._write_claim_spec(claim, only_if_missing=True)
             except ClaimWriteError as error:
                 log.warning("claim %s/%s: %s", claim.namespace, claim.name, error)
-        prefix = claim_spec_file_name(self.kind, "")
+        kept = {self._claim_spec_path(uid) for uid in self.prepared.claims}
         with contextlib.suppress(OSError):
-            for path in self.cdi_spec.parent.glob(prefix.removesuffix(".json") + "*.json"):
-                uid = path.name.removeprefix(prefix.removesuffix(".json")).removesuffix(".json")
-                if uid not in self.prepared.claims:
-                    self._remove_claim_spec(uid)
+            for path in self.cdi_spec.parent.glob(claim_spec_file_name(self.kind, "*")):
+                if path not in kept:
+                    _remove_spec(path)
+
+
+def _remove_spec(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as error:
+        log.warning("cannot remove the claim's CDI spec %s: %s", path, error.strerror)
 
 
 def health_response(inventory: Inventory, pool: str) -> health_pb2.NodeWatchResourcesResponse:
